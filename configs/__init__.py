@@ -1,0 +1,1 @@
+"""Head masks shipped with razor-vllm, produced by `razor-vllm profile`."""

@@ -1,0 +1,21 @@
+"""Where razor-vllm caches downloads and converted models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """`$RAZOR_VLLM_CACHE`, else `~/.cache/razor-vllm` (CI keeps ~/.cache between runs)."""
+    env = os.environ.get("RAZOR_VLLM_CACHE")
+    root = Path(env) if env else Path.home() / ".cache" / "razor-vllm"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def repo_configs_dir() -> Path:
+    """The shipped head masks (`configs/`, installed as `razor_vllm.configs`)."""
+    from razor_vllm import configs
+
+    return Path(configs.__file__).parent
