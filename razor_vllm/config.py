@@ -1,0 +1,110 @@
+"""RazorAttention serving settings (`--additional-config '{"razor": {...}}'`).
+
+`RazorConfig` is what a user writes; `RazorPolicy` is what attention code consumes: the head mask
+resolved against the model (which KV heads of which layer keep the full cache) plus the budget of
+every other head. Both are frozen, and validation happens once, at engine start, so a bad setting
+fails before the first request instead of deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+Compensation = Literal["none", "single", "count"]
+
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class RazorConfig:
+    """RazorAttention (Tang et al., "RazorAttention: Efficient KV Cache Compression Through Retrieval
+    Heads", arXiv 2407.15891, ICLR 2025): retrieval heads keep the full KV cache; every other KV head
+    keeps `sinks` first tokens, the last `window` tokens and one compensation token."""
+
+    head_config: str
+    """Path of a head config from `razor-vllm profile`, or the name of a shipped one (configs/)."""
+    window: int = Field(256, ge=1)
+    """Recent tokens kept exactly by non-retrieval heads (the query's own token included)."""
+    sinks: int = Field(4, ge=0)
+    """First tokens kept by non-retrieval heads (attention sinks; 4 in the paper and Huawei's code)."""
+    compensation: Compensation = "single"
+    """How the compensation token (mean of evicted post-RoPE keys and values) enters the softmax:
+    "single" as one ordinary token, "count" as all n evicted tokens (a logit bias of ln n), "none" not
+    at all (sinks + window only)."""
+    retrieval: Literal["config", "all", "none"] = "config"
+    """"config" uses the head config; "all" makes every head a retrieval head (exactly full attention,
+    for A/B checks); "none" compresses every head (StreamingLLM-like, for baselines)."""
+
+
+class RazorConfigError(ValueError):
+    """An unusable `razor` section of --additional-config."""
+
+
+def parse_razor_config(additional_config: Any) -> RazorConfig:
+    """Read and validate the `razor` section of vLLM's additional_config (a dict)."""
+    section = (additional_config or {}).get("razor") if isinstance(additional_config, dict) else None
+    if section is None:
+        raise RazorConfigError(
+            "--attention-backend razor needs its settings: pass --additional-config "
+            "'{\"razor\": {\"head_config\": \"<heads.json or shipped name>\"}}' "
+            "(produce heads.json with `razor-vllm profile MODEL_DIR --out heads.json`)")
+    if not isinstance(section, dict):
+        raise RazorConfigError(f"additional_config['razor'] must be a JSON object, got {type(section).__name__}")
+    try:
+        return RazorConfig(**section)
+    except (ValidationError, TypeError) as e:
+        raise RazorConfigError(f"invalid --additional-config razor settings {section}: {e}") from e
+
+
+@dataclass(frozen=True)
+class RazorPolicy:
+    """Per-KV-head attention policy for one model."""
+
+    retrieval_heads: tuple[tuple[int, ...], ...]
+    """[layer] -> retrieval KV heads (full cache); every other head is local."""
+    num_kv_heads: int
+    sinks: int
+    window: int
+    compensation: Compensation
+
+    @classmethod
+    def build(cls, retrieval_heads, num_kv_heads: int, *, sinks: int, window: int,
+              compensation: Compensation) -> "RazorPolicy":
+        return cls(tuple(tuple(sorted(h)) for h in retrieval_heads), num_kv_heads, sinks, window, compensation)
+
+    @classmethod
+    def from_config(cls, cfg: RazorConfig, head_cfg, num_layers: int | None = None) -> "RazorPolicy":
+        n_layers = num_layers or head_cfg.model.num_layers
+        kv = head_cfg.model.num_kv_heads
+        heads = {"config": head_cfg.retrieval_heads, "all": [list(range(kv))] * n_layers,
+                 "none": [[]] * n_layers}[cfg.retrieval]
+        return cls.build(heads, kv, sinks=cfg.sinks, window=cfg.window, compensation=cfg.compensation)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.retrieval_heads)
+
+    def local_mask(self, layer: int) -> list[bool]:
+        """[num_kv_heads] True where the head is compressed (not a retrieval head)."""
+        keep = set(self.retrieval_heads[layer])
+        return [h not in keep for h in range(self.num_kv_heads)]
+
+    def kv_fraction(self, seq_len: int) -> float:
+        """KV entries kept relative to the full cache for one sequence of `seq_len` tokens.
+
+        Exact accounting: a local head keeps min(seq_len, sinks + window) tokens, plus one
+        compensation slot once any token has been evicted (and compensation is on).
+        """
+        full = self.num_layers * self.num_kv_heads * seq_len
+        local_keep = min(seq_len, self.sinks + self.window)
+        if self.compensation != "none" and seq_len > self.sinks + self.window:
+            local_keep += 1
+        kept = sum(len(r) * seq_len + (self.num_kv_heads - len(r)) * local_keep for r in self.retrieval_heads)
+        return kept / full
+
+
+def log_n(n: int) -> float:
+    return math.log(n) if n > 0 else 0.0
