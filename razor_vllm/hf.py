@@ -14,7 +14,7 @@ Batches must be unpadded (equal-length sequences): positions are taken from the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -85,13 +85,15 @@ def prefill(model, ids: Sequence[int]):
 
 @torch.inference_mode()
 def continue_greedy(model, cache, ids: Sequence[int], max_new_tokens: int, policy: RazorPolicy | None,
-                    eos_token_ids: Sequence[int] = (), first_logits: torch.Tensor | None = None) -> list[int]:
+                    eos_token_ids: Sequence[int] = (), first_logits: torch.Tensor | None = None,
+                    stop: Callable[[list[int]], bool] | None = None) -> list[int]:
     """Feed `ids` as one chunk after what `cache` holds, then decode greedily.
 
     With a policy, the chunk and every decode step attend through RazorAttention (the cached past is
     compressed); without, attention is stock. With empty `ids`, decoding starts from `first_logits`
-    (the logits of an exact prefill). The cache is cropped back afterwards, so several methods can
-    share one expensive exact prefill of a long context.
+    (the logits of an exact prefill). `stop(tokens)` ends decoding early (e.g. once an answer is
+    complete). The cache is cropped back afterwards, so several methods can share one expensive
+    exact prefill of a long context.
     """
     base_len = cache.get_seq_length()
     session = RazorSession(model, policy) if policy is not None else None
@@ -109,13 +111,15 @@ def continue_greedy(model, cache, ids: Sequence[int], max_new_tokens: int, polic
         for _ in range(max_new_tokens):
             tok = int(torch.argmax(logits))
             generated.append(tok)
-            if tok in eos_token_ids or len(generated) == max_new_tokens:
+            if tok in eos_token_ids or len(generated) == max_new_tokens or (stop and stop(generated)):
                 break
             logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
     finally:
         if session:
             session.__exit__(None, None, None)
-        cache.crop(base_len)
+        added = cache.get_seq_length() - base_len
+        if added:
+            cache.crop(-added)
     return generated
 
 

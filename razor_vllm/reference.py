@@ -62,23 +62,24 @@ def razor_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     local_q = local.to(torch.bool).repeat_interleave(group)  # [Hq]
     mask = torch.where(local_q[:, None, None], local_vis[None], causal[None])  # [Hq, C, T]
 
-    qf = q.float()
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
-    logits = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, C, T]
+    # GQA without copying K/V per query head: view queries as [B, Hkv, G*C, D].
+    qf = q.float().reshape(b, hkv, group * c, d)
+    kf, vf = k.float(), v.float()
+    logits = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale).view(b, hq, c, t)  # [B, Hq, C, T]
     logits = logits.masked_fill(~mask[None], float("-inf"))
     use_comp = compensation != "none" and n > 0 and bool(local.any())
     if not use_comp:
-        return torch.matmul(torch.softmax(logits, dim=-1), vf).to(q.dtype)
+        p = torch.softmax(logits, dim=-1).view(b, hkv, group * c, t)
+        return torch.matmul(p, vf).view(b, hq, c, d).to(q.dtype)
     if k_sum is None:
         k_sum = k[:, :, sinks:f].float().sum(dim=2)
         v_sum = v[:, :, sinks:f].float().sum(dim=2)
-    k_hat = (k_sum / n).repeat_interleave(group, dim=1)  # [B, Hq, D]
-    v_hat = (v_sum / n).repeat_interleave(group, dim=1)
-    comp_logit = (qf * k_hat[:, :, None, :]).sum(-1) * scale + comp_bias(n, compensation)  # [B, Hq, C]
+    k_hat, v_hat = k_sum / n, v_sum / n  # [B, Hkv, D]
+    comp_logit = torch.matmul(qf, k_hat[..., None]).view(b, hq, c) * scale + comp_bias(n, compensation)
     comp_logit = comp_logit.masked_fill(~local_q[None, :, None], float("-inf"))
-    p = torch.softmax(torch.cat([logits, comp_logit[..., None]], dim=-1), dim=-1)
-    out = torch.matmul(p[..., :t], vf) + p[..., t:] * v_hat[:, :, None, :]
+    p = torch.softmax(torch.cat([logits, comp_logit[..., None]], dim=-1), dim=-1)  # [B, Hq, C, T+1]
+    out = torch.matmul(p[..., :t].reshape(b, hkv, group * c, t), vf).view(b, hq, c, d)
+    out = out + p[..., t:] * v_hat.repeat_interleave(group, dim=1)[:, :, None, :]
     return out.to(q.dtype)
 
 
