@@ -77,7 +77,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 for w in args.window for c in args.compensation for ir in args.induction_ratio]
     records, rows = run_eval(model_dir, head_cfg, tasks=args.tasks, lengths=args.lengths, methods=args.methods,
                              settings=settings, sinks=args.sinks, depths=args.depths, protocol=args.protocol,
-                             seed=args.seed, progress=not args.quiet, dtype=args.dtype)
+                             seed=args.seed, progress=not args.quiet, dtype=args.dtype,
+                             checkpoint=args.json)
     print(format_table(records))
     if args.json:
         write_json(records, rows, args.json)

@@ -108,8 +108,12 @@ def build_policies(head_cfg: HeadConfig, methods: Iterable[str], settings: Itera
 def run_eval(model_dir: str | Path, head_cfg: HeadConfig, *, tasks: list[str], lengths: list[int],
              methods: list[str], settings: list[RazorSetting], sinks: int = 4, depths: int = 4,
              protocol: str = "question-compressed", seed: int = 0, progress: bool = True,
-             dtype: str = "float32") -> tuple[list[Record], list[dict]]:
-    """Run the suite; returns (aggregated records, per-sample rows)."""
+             dtype: str = "float32", checkpoint: str | Path | None = None) -> tuple[list[Record], list[dict]]:
+    """Run the suite; returns (aggregated records, per-sample rows).
+
+    With `checkpoint`, the JSON outputs are rewritten after every sample, so a long sweep that is
+    interrupted still leaves every finished sample on disk.
+    """
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -158,6 +162,8 @@ def run_eval(model_dir: str | Path, head_cfg: HeadConfig, *, tasks: list[str], l
                 "seconds": time.perf_counter() - t1 + (t_prefill if name == "full" else 0.0),
             })
         del cache
+        if checkpoint is not None:
+            write_json(aggregate(rows, sinks, protocol, dtype), rows, checkpoint)
     return aggregate(rows, sinks, protocol, dtype), rows
 
 
