@@ -1,4 +1,4 @@
-"""`razor-vllm` command line: fetch-model, profile, eval, fix-vllm-cli."""
+"""`razor-vllm` command line: fetch-model, profile, select, eval, fix-vllm-cli."""
 
 from __future__ import annotations
 
@@ -57,6 +57,22 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             print(f"DIFFERS from {args.compare}:\n  " + "\n  ".join(problems))
             return 1
         print(f"reproduces {args.compare}: identical heads, scores within 1e-6")
+    return 0
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    """Re-select retrieval heads from a profile's stored scores with other ratios (no new profile)."""
+    from razor_vllm.head_config import load_head_config
+    from razor_vllm.profiler import format_head_table, select_retrieval_heads
+
+    cfg = load_head_config(args.config)
+    heads = select_retrieval_heads(cfg.induction_scores, cfg.echo_scores, args.induction_ratio, args.echo_ratio)
+    profile = cfg.profile.model_copy(update={"induction_ratio": args.induction_ratio, "echo_ratio": args.echo_ratio})
+    new = cfg.model_copy(update={"profile": profile, "retrieval_heads": heads})
+    new = type(cfg).model_validate(new.model_dump())
+    new.save(args.out)
+    print(format_head_table(new, top=0))
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -143,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=int, default=20, help="rows of the printed head table")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_cmd_profile)
+
+    se = sub.add_parser("select", help="re-select retrieval heads from a head config's scores with other ratios")
+    se.add_argument("config", help="head config (path or shipped name)")
+    se.add_argument("--induction-ratio", type=float, required=True)
+    se.add_argument("--echo-ratio", type=float, default=0.01)
+    se.add_argument("--out", type=Path, required=True)
+    se.set_defaults(func=_cmd_select)
 
     ev = sub.add_parser("eval", help="long-context accuracy: razor vs full, streaming and random heads")
     ev.add_argument("model", help="Hugging Face model directory or a fetchable model name")
