@@ -26,31 +26,7 @@ INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The shapes are tiny: OpenMP fan-out costs more than it saves, a lot on a busy machine."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
-@dataclass
-class Backend:
-    ops: object
-    device: str
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    if request.param == "torch":
-        return Backend(torch_ops, "cpu")
-    pytest.importorskip("triton", reason="triton is not installed")
-    if not INTERPRET and not torch.cuda.is_available():
-        pytest.skip("compiled Triton (TRITON_INTERPRET=0) needs a CUDA device")
-    from razor_vllm.kernels import triton_ops
-
-    return Backend(triton_ops, "cpu" if INTERPRET else "cuda")
+# single_thread and backend fixtures: tests/kernels/conftest.py
 
 
 @dataclass
