@@ -92,7 +92,7 @@ class ProfileSettings(BaseModel):
     bos_token_id: int
     induction_ratio: float = Field(0.14, ge=0, le=1)
     echo_ratio: float = Field(0.01, ge=0, le=1)
-    dtype: str = "bfloat16"
+    dtype: str = "float32"
 
 
 class HeadConfig(BaseModel):

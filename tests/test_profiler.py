@@ -25,8 +25,8 @@ import torch
 
 from razor_vllm.head_config import (HeadConfig, HeadConfigError, HeadConfigMismatch, ProfileSettings,
                                     load_head_config, model_identity)
-from razor_vllm.profiler import (ProfileOptions, UnsupportedModelError, calibration_ids, head_scores,
-                                 load_model, max_over_groups, profile_model, select_retrieval_heads)
+from razor_vllm.profiler import (ProfileOptions, UnsupportedModelError, calibration_ids, flash_head_scores,
+                                 head_scores, load_model, max_over_groups, profile_model, select_retrieval_heads)
 
 # --------------------------------------------------------------------------------------------------
 # Fixtures
@@ -191,6 +191,65 @@ def test_head_scores_explicit_masks_and_softcap():
     want_echo, want_ind = dense_scores(q, k, 0.5, n, softcap=1.5)
     assert echo.tolist() == pytest.approx(want_echo, abs=1e-5)
     assert induction.tolist() == pytest.approx(want_ind, abs=1e-5)
+
+
+@pytest.mark.parametrize("n, repeats, d, kv", [(7, 4, 8, 2), (5, 3, 16, 1), (11, 2, 4, 3)])
+def test_flash_head_scores_match_dense_softmax(n, repeats, d, kv):
+    """The fused path (flash-attention output + row log-sum-exp, then a few gathered columns) gives
+    the dense softmax's scores and SDPA's causal attention output."""
+    torch.manual_seed(n)
+    t, hq = 1 + n * repeats, 3 * kv
+    q, k, v = 2 * torch.randn(hq, t, d), 2 * torch.randn(kv, t, d), torch.randn(kv, t, d)
+    scale = d ** -0.5
+    out, echo, induction = flash_head_scores(q, k, v, scale, n)
+    want_echo, want_ind = dense_scores(q, k, scale, n)
+    assert echo.tolist() == pytest.approx(want_echo, abs=1e-5)
+    assert induction.tolist() == pytest.approx(want_ind, abs=1e-5)
+    rep = hq // kv
+    want_out = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0), is_causal=True, scale=scale)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_and_chunked_paths_agree(tiny_llama):
+    """Same model, both scoring paths: the fused pass must not change the selection or the scores."""
+    import dataclasses
+
+    fused = profile_model(tiny_llama, TINY_OPTS)
+    chunked = profile_model(tiny_llama, dataclasses.replace(TINY_OPTS, fused=False))
+    assert fused.retrieval_heads == chunked.retrieval_heads
+    for a, b in ((fused.echo_scores, chunked.echo_scores), (fused.induction_scores, chunked.induction_scores)):
+        assert max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)) < 1e-6
+
+
+def test_sliding_window_layers_score_with_their_mask(tmp_path):
+    """A sliding window shorter than one copy hides every earlier occurrence, so such a layer must
+    score zero, exactly as transformers' eager attention (with its own sliding mask) says. Without a
+    mask function registered for the hook, transformers hands a custom attention function no mask
+    and the layer would silently run (and score) as full causal attention."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0, sliding_window=30)
+    model = MistralForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.normal_(0, 0.5)
+        model.model.layers[0].self_attn.k_proj.weight.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    model = load_model(tmp_path, "float32")
+    hc = profile_model(model, TINY_OPTS)  # copies of n = 40 tokens, window 30
+
+    ids = calibration_ids(1, TINY_OPTS)[None]
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = model(input_ids=ids, output_attentions=True, use_cache=False).attentions[0][0].double()
+    assert float(probs[0, 100, :100 - 30].sum()) == 0.0, "eager attention should apply the window"
+    n = TINY_OPTS.num_random_tokens
+    assert hc.echo_scores[0] == pytest.approx(group_max(brute_force_scores(probs, n, 0), 2), abs=1e-6)
+    assert hc.induction_scores[0] == pytest.approx(group_max(brute_force_scores(probs, n, 1), 2), abs=1e-6)
+    assert max(hc.echo_scores[0] + hc.induction_scores[0]) == 0.0
 
 
 def test_max_over_groups_uses_consecutive_query_heads():
@@ -493,8 +552,8 @@ REAL_MODEL = "smollm2-135m-instruct"
 
 @pytest.mark.slow
 def test_shipped_smollm2_head_config():
-    """The shipped mask for SmolLM2-135M-Instruct (from `make demo`, which re-runs the 2-minute
-    profile) is for that model, separates induction heads sharply from the bulk, and its selection is
+    """The shipped mask for SmolLM2-135M-Instruct (from `razor-vllm profile`; `make reproduce` re-runs
+    it and compares) is for that model, separates induction heads sharply from the bulk, and its selection is
     the deterministic function of its own scores."""
     from razor_vllm.paths import cache_root, repo_configs_dir
 
