@@ -8,7 +8,6 @@ fails before the first request instead of deep inside a kernel.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -110,7 +109,3 @@ class RazorPolicy:
             local_keep += 1
         kept = sum(len(r) * seq_len + (self.num_kv_heads - len(r)) * local_keep for r in self.retrieval_heads)
         return kept / full
-
-
-def log_n(n: int) -> float:
-    return math.log(n) if n > 0 else 0.0

@@ -149,23 +149,13 @@ def common_metadata(batch: Batch):
         causal=True)
 
 
-def run_backend(backend_cls, vllm_config, batch: Batch, dtype, layer_name=LAYER_NAME):
-    """Build the real builder + impl, prefill the past into a fresh paged cache, write this step's
-    K/V with do_kv_cache_update, run forward. Returns (output [num_tokens, Hq, D], kv_cache)."""
-    from vllm.config import set_current_vllm_config
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
+def fill_cache(impl, layer, batch: Batch, dtype, seed: int):
+    """A fresh paged cache holding each request's cached past and this step's K/V, both written with
+    the impl's own do_kv_cache_update. Unused slots hold random garbage, so a kernel that reads past
+    the sequence or a wrong slot shows up. Returns (kv_cache, common metadata, step key, step value)."""
     spec = batch.spec
-    kv_spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_SIZE,
-                                dtype=dtype)
-    with set_current_vllm_config(vllm_config):
-        builder = backend_cls.get_builder_cls()(kv_spec, [layer_name], vllm_config, torch.device("cpu"))
-        impl = backend_cls.get_impl_cls()(NUM_Q_HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, NUM_KV_HEADS, None,
-                                          None, "auto")
-    layer = MockAttentionLayer(builder.isa, layer_name)
-    # Garbage in unused slots: a kernel that reads past the sequence or a wrong slot shows up.
     kv_cache = torch.randn(NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE,
-                           generator=torch.Generator().manual_seed(123)).to(dtype)
+                           generator=torch.Generator().manual_seed(seed)).to(dtype)
     for r, (s, c) in enumerate(zip(spec.seq_lens, spec.query_lens)):  # the cached past
         if s > c:
             impl.do_kv_cache_update(layer, batch.k[r][:s - c], batch.v[r][:s - c], kv_cache,
@@ -173,8 +163,25 @@ def run_backend(backend_cls, vllm_config, batch: Batch, dtype, layer_name=LAYER_
     cm = common_metadata(batch)
     key = torch.cat([batch.k[r][s - c:] for r, (s, c) in enumerate(zip(spec.seq_lens, spec.query_lens))])
     value = torch.cat([batch.v[r][s - c:] for r, (s, c) in enumerate(zip(spec.seq_lens, spec.query_lens))])
-    query = torch.cat(batch.q)
     impl.do_kv_cache_update(layer, key, value, kv_cache, cm.slot_mapping)
+    return kv_cache, cm, key, value
+
+
+def run_backend(backend_cls, vllm_config, batch: Batch, dtype, layer_name=LAYER_NAME):
+    """Build the real builder + impl, prefill the past into a fresh paged cache, write this step's
+    K/V with do_kv_cache_update, run forward. Returns (output [num_tokens, Hq, D], kv_cache)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    kv_spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_SIZE,
+                                dtype=dtype)
+    with set_current_vllm_config(vllm_config):
+        builder = backend_cls.get_builder_cls()(kv_spec, [layer_name], vllm_config, torch.device("cpu"))
+        impl = backend_cls.get_impl_cls()(NUM_Q_HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, NUM_KV_HEADS, None,
+                                          None, "auto")
+    layer = MockAttentionLayer(builder.isa, layer_name)
+    kv_cache, cm, key, value = fill_cache(impl, layer, batch, dtype, seed=123)
+    query = torch.cat(batch.q)
     md = builder.build(common_prefix_len=0, common_attn_metadata=cm)
     output = torch.full_like(query, float("nan"))
     impl.forward(layer, query, key, value, kv_cache, md, output=output)
@@ -447,16 +454,7 @@ def test_accelerator_path_matches_oracle(model_dir, head_config, monkeypatch, co
         impl = backend_mod.RazorAttentionImpl(NUM_Q_HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, NUM_KV_HEADS,
                                               None, None, "auto")
     layer = MockAttentionLayer("unused")
-    kv_cache = torch.randn(NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE,
-                           generator=torch.Generator().manual_seed(5)).to(dtype)
-    for r, (s, c) in enumerate(zip(spec.seq_lens, spec.query_lens)):
-        if s > c:
-            impl.do_kv_cache_update(layer, batch.k[r][:s - c], batch.v[r][:s - c], kv_cache,
-                                    slots(batch, r, range(s - c)))
-    cm = common_metadata(batch)
-    key = torch.cat([batch.k[r][s - c:] for r, (s, c) in enumerate(zip(spec.seq_lens, spec.query_lens))])
-    value = torch.cat([batch.v[r][s - c:] for r, (s, c) in enumerate(zip(spec.seq_lens, spec.query_lens))])
-    impl.do_kv_cache_update(layer, key, value, kv_cache, cm.slot_mapping)
+    kv_cache, cm, key, value = fill_cache(impl, layer, batch, dtype, seed=5)
     # The accelerator layout: K and V are the two halves of each slot's 2 * head_size entries.
     for r, s in enumerate(spec.seq_lens):
         sl = slots(batch, r, range(s))
