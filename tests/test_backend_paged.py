@@ -175,6 +175,21 @@ def test_paged_equals_uniform_chunked_prefill():
 
 
 @_needs_engine
+def test_paged_equals_uniform_many_concurrent_mixed_lengths():
+    """Ten requests from 40 to 1500 tokens, at most six running, 300-token step budget (smaller than
+    most prompts): requests join and leave the batch mid-way, prefill chunks of one request share a
+    step with other requests' decodes, and short requests finish while long ones still prefill, so
+    ring pages are freed and reused by later requests. (Async scheduling cannot be exercised: the
+    CPU platform turns it off, and kv_layout="paged" is CPU-only.)"""
+    prompts = _prompts([40, 1500, 300, 64, 900, 257, 1200, 130, 700, 65], seed=3)
+    kw = dict(max_num_batched_tokens=300, enable_chunked_prefill=True, max_num_seqs=6)
+    uniform, _ = _run("uniform", prompts, **kw)
+    paged, _ = _run("paged", prompts, **kw)
+    assert [len(t) for t in paged] == [NEW_TOKENS] * len(prompts)
+    assert paged == uniform
+
+
+@_needs_engine
 def test_paged_preemption():
     """A pool too small for all requests: decode steps that need a new retrieval block preempt a
     request, which is recomputed later on a fresh (dirty) ring page (start == 0 resets it). Prompts
