@@ -1,22 +1,38 @@
-# razor-vllm: `make demo` runs the main job on the default model, `make test` runs the tests.
-# Both set up .venv first (scripts/setup.sh; a no-op in seconds once done).
+# razor-vllm: `make demo` serves the default model with RazorAttention through `vllm serve` and asks it
+# a long-context question; `make test` runs the tests; `make profile` re-runs the head profiling.
+# All set up .venv first (scripts/setup.sh; a no-op in seconds once done).
 VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m-instruct
 export VLLM_TARGET_DEVICE ?= cpu
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup demo test test-fast profile-shipped clean
+.PHONY: setup demo profile reproduce loadtest test profile-shipped clean
 
 setup:
 	@bash scripts/setup.sh
 
-# Fetch the default model, profile its retrieval heads, print the head table, and check the result
-# reproduces the shipped config.
+# Fetch the default model, use its shipped head config (profile it once if none ships), start
+# `vllm serve --attention-backend razor` (paged KV layout) on 127.0.0.1, ask a ~6k-token passkey
+# through the openai client, print the answer and the KV saving read from the server, stop it.
+# Exits non-zero if anything failed (razor_vllm/demo.py).
 demo: setup
+	$(BIN)/razor-vllm demo --model $(MODEL)
+
+# Profile the default model's retrieval heads into out/, print the head table, and check the result
+# reproduces the shipped config.
+profile: setup
 	$(BIN)/razor-vllm fetch-model $(MODEL)
 	$(BIN)/razor-vllm profile $(MODEL) --out out/$(MODEL).json --plot out/$(MODEL).png \
 		--compare configs/$(MODEL).json
+
+reproduce: profile
+
+# Concurrent streaming clients, cancellations and over-long prompts against a real server, then
+# checks the KV cache is empty again on /metrics (a few minutes; writes out/loadtest.json).
+loadtest: setup
+	$(BIN)/razor-vllm fetch-model $(MODEL)
+	$(BIN)/python scripts/loadtest.py
 
 test: setup
 	$(BIN)/razor-vllm fetch-model $(MODEL)

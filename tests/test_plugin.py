@@ -111,3 +111,29 @@ def test_load_general_plugins_registers_razor():
     load_general_plugins()
     assert AttentionBackendEnum.CUSTOM.get_path() == plugin.BACKEND_PATH
     assert AttentionBackendEnum["razor".upper()] is AttentionBackendEnum.CUSTOM
+
+
+def test_config_time_checks_wrap_the_platform_once_and_only_for_razor(tmp_path):
+    """register() wraps the platform's check_and_update_config once (it is called many times per
+    process); the wrapper refuses a razor config with a bad head config while the VllmConfig is being
+    built, and leaves a config without razor alone."""
+    from transformers import LlamaConfig
+    from vllm.config import AttentionConfig, CacheConfig, ModelConfig, VllmConfig
+    from vllm.platforms import current_platform
+
+    plugin.register()
+    plugin.register()
+    wrapper = type(current_platform).check_and_update_config.__func__
+    assert wrapper._razor_wrapped and not getattr(wrapper.__wrapped__, "_razor_wrapped", False)
+
+    LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32).save_pretrained(tmp_path)
+
+    def build(backend, additional_config):
+        return VllmConfig(model_config=ModelConfig(model=str(tmp_path), max_model_len=256, skip_tokenizer_init=True),
+                          cache_config=CacheConfig(enable_prefix_caching=False),
+                          attention_config=AttentionConfig(backend=backend), additional_config=additional_config)
+
+    build(None, {"razor": {"head_config": "/nonexistent/heads.json"}})  # razor not selected: untouched
+    with pytest.raises(ValueError, match="HeadConfigError: head config '/nonexistent/heads.json' not found"):
+        build("razor", {"razor": {"head_config": "/nonexistent/heads.json"}})

