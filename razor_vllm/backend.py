@@ -713,7 +713,8 @@ def check_engine_config(vllm_config: VllmConfig) -> None:
             problems.append("kv_layout='paged' needs the hybrid KV cache manager (ring pages are "
                             f"CircularBuffer groups): drop --disable-hybrid-kv-cache-manager {fix}")
         if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-            problems.append(f"kv_layout='paged' supports tensor/pipeline parallel size 1 only: {fix}")
+            problems.append("kv_layout='paged' supports tensor/pipeline parallel size 1 only: use "
+                            f"--tensor-parallel-size 1 --pipeline-parallel-size 1 {fix}")
     if problems:
         raise RazorConfigError(f"{_FLAG} cannot start: " + "; ".join(problems) + ".")
 
