@@ -125,9 +125,37 @@ def _prompts(lengths, seed=0):
 
 
 def _run(kv_layout: str, prompts, new_tokens: int = NEW_TOKENS, **kwargs):
-    """(greedy tokens, preemptions) of one razor engine with `kv_layout`."""
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    """(greedy tokens, preemptions) of one razor engine with `kv_layout`, run in a child process
+    with the engine core in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+
+    Why: the compressed past a request sees depends on where its prefill chunks end, i.e. on the
+    schedule. With the default background engine core, `generate` sends prompts one by one while
+    the core already steps, so the schedule (and the expected tokens) varies from run to run
+    (measured: the 10-request test gave different tokens for two runs of the *same* layout). In
+    process, `generate` enqueues every prompt before the first step: both layouts get the same
+    schedule. The child keeps the in-process engine's side effects (torch threads reduced to 1,
+    vLLM's env cache, gc.freeze) out of the test process."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    job = json.dumps(dict(kv_layout=kv_layout, prompts=prompts, new_tokens=new_tokens, kwargs=kwargs))
+    res = subprocess.run([sys.executable, __file__], input=job, env=env, capture_output=True, text=True,
+                         timeout=1500)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(_RESULT)]
+    assert res.returncode == 0 and lines, (f"engine run failed (exit {res.returncode}):\n"
+                                           f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    tokens, preempted = json.loads(lines[-1][len(_RESULT):])
+    return tokens, preempted
+
+
+_RESULT = "RAZOR_TEST_RESULT "
+
+
+def _run_here(kv_layout: str, prompts, new_tokens: int, kwargs: dict):
     from vllm import LLM, SamplingParams, TokensPrompt
 
     # float32: this CPU has no AVX512-BF16, and in bf16 the two layouts' different (both exact)
@@ -281,3 +309,12 @@ def test_paged_refused_without_hybrid_manager_or_local_heads(tiny, tiny_model):
                                                     "retrieval": "all"})
     with pytest.raises(RazorConfigError, match="kv_layout='uniform'"):
         tiny._make_impl(cfg)
+
+
+if __name__ == "__main__":  # the child of `_run` (a spawning platform: needs the guard)
+    import json
+    import sys
+
+    job = json.loads(sys.stdin.read())
+    result = _run_here(job["kv_layout"], job["prompts"], job["new_tokens"], job["kwargs"])
+    print(_RESULT + json.dumps(result), flush=True)
