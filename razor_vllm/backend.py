@@ -17,7 +17,9 @@ memory saving with the layout of `razor_vllm.kv_layout`: every layer's own spec 
 the local heads keep sinks + window + fp32 compensation state in per-request ring regions
 (`razor_vllm.kernels.ring_ops`). In that mode the forward writes its own caches (the layer's own
 slot mapping addresses a ring and is ignored: `do_kv_cache_update` is a no-op), runs the stock CPU
-kernels per retrieval head on its sibling's cache and metadata, and the ring ops per local head.
+kernels per retrieval head on its sibling's cache and metadata, and the ring ops for the local heads:
+one batched `ring_decode` per layer for all decoding requests, `ring_step` per (request, head) for
+prefill chunks (docs/performance.md).
 
 Two execution paths, chosen with `current_platform.is_cpu()`:
 
@@ -410,9 +412,11 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
         Retrieval head h: write `key[:, h]`/`value[:, h]` into its sibling's cache
         `[num_blocks, 1, P, 2D]` (stock CPU layout) with the sibling's slot mapping, then the stock
         CPU attention for query heads `[hG, (h+1)G)` with the sibling's `CPUAttentionMetadata`.
-        Local head h: per request, `ring_ops.ring_step` on its region of the request's ring page
-        (`block_table[i, 0]` of the page layer's metadata; block 0 is the null block of dummy
-        batches: not touched, output left as is).
+        Local heads: the ring regions of the requests' ring pages (`block_table[i, 0]` of the page
+        layer's metadata). Decoding requests (one new token, start >= 1) go through
+        `ring_ops.ring_decode`, all local heads of the layer and all such requests in one batch;
+        prefill chunks through `ring_ops.ring_step` per (request, head). Block 0 is the null block
+        of dummy batches: not touched, output left as is.
         kv_cache: this layer's ring-page cache `[num_blocks, 1, P, 2D]`.
         """
         from vllm import _custom_ops as ops
@@ -428,19 +432,22 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
         n = md.num_actual_tokens
         group = self.num_heads // self.num_kv_heads
         d = self.head_size
-        isa = _paged_isa(query.dtype, layout.page_tokens, d)
+        if spec.retrieval:
+            isa = _paged_isa(query.dtype, layout.page_tokens, d)
+            # The stock ops read strided query/key/value (measured: identical results), but write a
+            # contiguous output: one scratch buffer for the layer's retrieval heads.
+            out = torch.empty(n, group, d, dtype=output.dtype)
         for r in spec.retrieval:
             h, q0, q1 = r.kv_head, r.kv_head * group, (r.kv_head + 1) * group
             cache = fc.no_compile_layers[r.name].kv_cache
             smd = fc.attn_metadata[r.name]
             nb, _, bs, _ = cache.shape
             key_cache, value_cache = cache.view(nb, 1, 2 * bs, d).chunk(2, dim=2)
-            ops.cpu_attn_reshape_and_cache(key[:n, h:h + 1].contiguous(), value[:n, h:h + 1].contiguous(),
+            ops.cpu_attn_reshape_and_cache(key[:n, h:h + 1], value[:n, h:h + 1],
                                            key_cache, value_cache, smd.slot_mapping[:n], isa,
                                            k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-            out = torch.empty(n, group, d, dtype=output.dtype)
             ops.cpu_attention_with_kv_cache(
-                query=query[:n, q0:q1].contiguous(), key_cache=key_cache, value_cache=value_cache,
+                query=query[:n, q0:q1], key_cache=key_cache, value_cache=value_cache,
                 output=out, query_start_loc=smd.query_start_loc, seq_lens=smd.seq_lens, scale=self.scale,
                 causal=smd.causal, alibi_slopes=self.alibi_slopes, sliding_window=self.sliding_window,
                 block_table=smd.block_table, softcap=self.logits_soft_cap, scheduler_metadata=smd.scheduler_metadata, s_aux=None,
@@ -448,25 +455,52 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
             output[:n, q0:q1] = out
         if not spec.local:
             return output
-        num_reqs = md.seq_lens.shape[0]
-        qsl = md.query_start_loc[:num_reqs + 1].tolist()
-        seq_lens = md.seq_lens[:num_reqs].tolist()
+        step = _paged_step(fc, md, layout.ring, policy.compensation)
+        pages = []
         for x in spec.local:
-            h, q0, q1 = x.kv_head, x.kv_head * group, (x.kv_head + 1) * group
             if x.page == self._resolved_name:
-                page_cache, blocks = kv_cache, md.block_table[:num_reqs, 0].tolist()
+                pages.append((kv_cache, md.block_table))
             else:
-                page_cache = fc.no_compile_layers[x.page].kv_cache
-                blocks = fc.attn_metadata[x.page].block_table[:num_reqs, 0].tolist()
-            for i in range(num_reqs):
-                t0, t1 = qsl[i], qsl[i + 1]
-                if t1 == t0 or blocks[i] == 0:
+                pages.append((fc.no_compile_layers[x.page].kv_cache, fc.attn_metadata[x.page].block_table))
+        if step.plan is not None:
+            self._ring_decode(step, spec, pages, query, key, value, output, group)
+        for i, t0, t1, start in step.chunks:
+            for x, (page_cache, block_table) in zip(spec.local, pages):
+                block = int(block_table[i, 0])
+                if block == 0:
                     continue
-                region = layout.ring.region(page_cache[blocks[i], 0], x.offset)
+                h, q0, q1 = x.kv_head, x.kv_head * group, (x.kv_head + 1) * group
+                region = layout.ring.region(page_cache[block, 0], x.offset)
                 output[t0:t1, q0:q1] = ring_ops.ring_step(
                     region, layout.ring, query[t0:t1, q0:q1], key[t0:t1, h], value[t0:t1, h],
-                    seq_lens[i] - (t1 - t0), scale=self.scale, compensation=policy.compensation)
+                    start, scale=self.scale, compensation=policy.compensation)
         return output
+
+    def _ring_decode(self, step: "_PagedStep", spec: kvl.LayerLayout, pages, query: torch.Tensor,
+                     key: torch.Tensor, value: torch.Tensor, output: torch.Tensor, group: int) -> None:
+        """The decoding requests of the step, all local heads of this layer at once."""
+        from razor_vllm.kernels import ring_ops
+
+        heads = [x.kv_head for x in spec.local]
+        contiguous_heads = heads == list(range(heads[0], heads[0] + len(heads)))
+        sel = slice(heads[0], heads[0] + len(heads)) if contiguous_heads else torch.tensor(heads)
+        h, d = self.num_kv_heads, self.head_size
+        rows = step.rows  # slice (decode requests are consecutive rows) or int64 row indices
+        b = step.plan.num_reqs
+        blocks = [bt[step.reqs, 0] for _, bt in pages]
+        q = query[rows].view(b, h, group, d)[:, sel]
+        k, v = key[rows][:, sel], value[rows][:, sel]
+        page_views = [cache[:, 0] for cache, _ in pages]
+        offsets = [x.offset for x in spec.local]
+        if isinstance(rows, slice) and contiguous_heads:
+            ring_ops.ring_decode(page_views, offsets, blocks, step.plan, q, k, v, scale=self.scale,
+                                 out=output[rows].view(b, h, group, d)[:, sel])
+        else:
+            res = ring_ops.ring_decode(page_views, offsets, blocks, step.plan, q, k, v, scale=self.scale)
+            out = output.view(-1, h, group, d)
+            row_idx = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+            head_idx = sel if isinstance(sel, torch.Tensor) else torch.arange(sel.start, sel.stop)
+            out[row_idx[:, None], head_idx[None, :]] = res
 
     def _forward_accelerator(self, query: torch.Tensor, kv_cache: torch.Tensor, md: "RazorMetadata",
                              output: torch.Tensor) -> torch.Tensor:
@@ -659,6 +693,66 @@ def paged_layout(vllm_config: VllmConfig, policy: RazorPolicy) -> kvl.KVLayout:
         _LAYOUTS[key] = layout
         logger.info("%s", layout.describe())
     return layout
+
+
+@dataclass
+class _PagedStep:
+    """What every local head of every layer needs to know about one step (kv_layout="paged"),
+    computed by the first layer and kept on the step's forward context."""
+
+    qsl: Any
+    """The `query_start_loc` tensor it was computed from (identity check)."""
+    plan: Any
+    """`ring_ops.RingDecodePlan` of the decoding requests, or None when there are none."""
+    reqs: Any
+    """The decoding requests: a slice of consecutive request indices, or int64 indices."""
+    rows: Any
+    """Their query rows: a slice, or int64 indices."""
+    chunks: list[tuple[int, int, int, int]]
+    """Every other request with tokens: (request, first row, end row, start)."""
+
+
+def _paged_step(fc, md: "RazorMetadata", ring: kvl.RingLayout, compensation: str) -> _PagedStep:
+    """The step's `_PagedStep`, built once per forward context (all layers of a step share the
+    batch: `query_start_loc` and `seq_lens` are the same for every KV cache group)."""
+    from razor_vllm.kernels import ring_ops
+
+    cached = getattr(fc, "_razor_paged_step", None)
+    if cached is not None and cached.qsl is md.query_start_loc:
+        return cached
+    num_reqs = md.seq_lens.shape[0]
+    qsl = md.query_start_loc[:num_reqs + 1].tolist()
+    seq_lens = md.seq_lens[:num_reqs].tolist()
+    decode, chunks = [], []
+    for i in range(num_reqs):
+        t0, t1 = qsl[i], qsl[i + 1]
+        if t1 == t0:
+            continue
+        start = seq_lens[i] - (t1 - t0)
+        if t1 - t0 == 1 and start >= 1:
+            decode.append(i)
+        else:
+            chunks.append((i, t0, t1, start))
+    plan = reqs = rows = None
+    if decode:
+        a, b = decode[0], decode[-1] + 1
+        consecutive = b - a == len(decode)  # then their rows are consecutive as well (one row each)
+        reqs = slice(a, b) if consecutive else torch.tensor(decode)
+        rows = slice(qsl[a], qsl[a] + len(decode)) if consecutive else torch.tensor([qsl[i] for i in decode])
+        if bool((md.block_table[reqs, 0] == 0).any()):
+            # a dummy batch (profiling / warm-up: every block is the null block): the per-request
+            # path skips block 0 instead of writing into it
+            chunks = sorted(chunks + [(i, qsl[i], qsl[i + 1], seq_lens[i] - 1) for i in decode])
+            reqs = rows = None
+        else:
+            plan = ring_ops.ring_decode_plan(
+                ring, torch.tensor([seq_lens[i] - 1 for i in decode]), compensation)
+    step = _PagedStep(md.query_start_loc, plan, reqs, rows, chunks)
+    try:
+        fc._razor_paged_step = step
+    except AttributeError:  # a slotted forward context: recomputed per layer, still correct
+        pass
+    return step
 
 
 @functools.lru_cache(maxsize=None)
