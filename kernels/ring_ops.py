@@ -222,6 +222,9 @@ class RingDecodePlan:
         if starts.numel() and int(starts.min()) < 1:
             raise ValueError("ring_decode needs start >= 1 (a first token is a prefill: ring_step)")
         self.ring, self.compensation = ring, compensation
+        # the layout's ints, read once per step (RingLayout's offsets are properties; ring_decode
+        # runs once per layer, where every attribute lookup is paid 30x per step)
+        self.geometry = (s, w, ring.head_size, ring.slots, ring.sum_slots, ring.ksum_offset, ring.meta_offset)
         self.starts = starts
         self.num_reqs = b = starts.numel()
         st = starts[:, None]
@@ -303,15 +306,14 @@ def ring_decode(pages, offsets, blocks, plan: RingDecodePlan, query: torch.Tenso
     query: `[B, X, G, D]`, key/value: `[B, X, D]` (this step's token, any strides);
     out: optional `[B, X, G, D]` destination (any strides). Returns `[B, X, G, D]` in query's dtype.
     """
-    ring = plan.ring
-    s, w, d = ring.sinks, ring.window, ring.head_size
+    s, w, d, slots, ss, ksum_offset, meta_offset = plan.geometry
     nx, b = len(pages), plan.num_reqs
     g = query.shape[2]
     if out is None:
         out = torch.empty(b, nx, g, d, dtype=query.dtype)
     if b == 0 or nx == 0:
         return out
-    nkv, slots, ss = s + w, ring.slots, ring.sum_slots
+    nkv = s + w
     dtype = pages[0].dtype
     regions = torch.empty(nx, b, slots, 2 * d, dtype=dtype)
     for x in range(nx):
@@ -319,7 +321,7 @@ def ring_decode(pages, offsets, blocks, plan: RingDecodePlan, query: torch.Tenso
     regions = regions.view(nx * b, slots, 2 * d)
     # the rows written back, starting from the current state rows (their unused bytes are kept)
     upd = torch.empty(nx * b, 2 * ss + 2, 2 * d, dtype=dtype)
-    upd[:, 1:] = regions[:, ring.ksum_offset:ring.meta_offset + 1]
+    upd[:, 1:] = regions[:, ksum_offset:meta_offset + 1]
     upd_sums = upd[:, 1:1 + 2 * ss].reshape(nx * b, 2, -1).view(torch.float32)[..., :d]  # view into upd
     sums = upd_sums.clone()  # [XB, 2, D] fp32: Ksum, Vsum before this step
     # fp32 work rows [XB, S+W+2, 2D]; for an fp32 cache rows S+W and S+W+1 (the sum slots) of the

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -263,6 +263,10 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
         indexing an arbitrary head subset would copy the whole cache."""
         self._resolved_name: str | None = None
         self._mask_tensors: dict[torch.device, torch.Tensor] = {}
+        self._decode_consts: tuple | None = None
+        self._sibling_views: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        """kv_layout="paged": retrieval sibling name -> (its cache, key view, value view)."""
+        """kv_layout="paged": (head selector, contiguous?, region offsets) of the local heads."""
 
     # -- layer resolution ---------------------------------------------------------------------
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
@@ -313,6 +317,7 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
                 a = None
         self.local_runs = tuple(runs)
         self._mask_tensors.clear()
+        self._decode_consts = None
         self._resolved_name = layer_name
 
     def _head_is_local(self, device: torch.device) -> torch.Tensor:
@@ -441,8 +446,11 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
             h, q0, q1 = r.kv_head, r.kv_head * group, (r.kv_head + 1) * group
             cache = fc.no_compile_layers[r.name].kv_cache
             smd = fc.attn_metadata[r.name]
-            nb, _, bs, _ = cache.shape
-            key_cache, value_cache = cache.view(nb, 1, 2 * bs, d).chunk(2, dim=2)
+            views = self._sibling_views.get(r.name)
+            if views is None or views[0] is not cache:  # once per sibling (and per cache reallocation)
+                nb, _, bs, _ = cache.shape
+                views = self._sibling_views[r.name] = (cache, *cache.view(nb, 1, 2 * bs, d).chunk(2, dim=2))
+            _, key_cache, value_cache = views
             ops.cpu_attn_reshape_and_cache(key[:n, h:h + 1], value[:n, h:h + 1],
                                            key_cache, value_cache, smd.slot_mapping[:n], isa,
                                            k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
@@ -481,17 +489,20 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
         """The decoding requests of the step, all local heads of this layer at once."""
         from razor_vllm.kernels import ring_ops
 
-        heads = [x.kv_head for x in spec.local]
-        contiguous_heads = heads == list(range(heads[0], heads[0] + len(heads)))
-        sel = slice(heads[0], heads[0] + len(heads)) if contiguous_heads else torch.tensor(heads)
+        consts = self._decode_consts
+        if consts is None:  # the layer's local heads never change: once per layer
+            heads = [x.kv_head for x in spec.local]
+            contiguous_heads = heads == list(range(heads[0], heads[0] + len(heads)))
+            sel = slice(heads[0], heads[0] + len(heads)) if contiguous_heads else torch.tensor(heads)
+            consts = self._decode_consts = (sel, contiguous_heads, [x.offset for x in spec.local])
+        sel, contiguous_heads, offsets = consts
         h, d = self.num_kv_heads, self.head_size
         rows = step.rows  # slice (decode requests are consecutive rows) or int64 row indices
         b = step.plan.num_reqs
-        blocks = [bt[step.reqs, 0] for _, bt in pages]
+        blocks = [step.ring_blocks(bt) for _, bt in pages]
         q = query[rows].view(b, h, group, d)[:, sel]
         k, v = key[rows][:, sel], value[rows][:, sel]
         page_views = [cache[:, 0] for cache, _ in pages]
-        offsets = [x.offset for x in spec.local]
         if isinstance(rows, slice) and contiguous_heads:
             ring_ops.ring_decode(page_views, offsets, blocks, step.plan, q, k, v, scale=self.scale,
                                  out=output[rows].view(b, h, group, d)[:, sel])
@@ -710,6 +721,15 @@ class _PagedStep:
     """Their query rows: a slice, or int64 indices."""
     chunks: list[tuple[int, int, int, int]]
     """Every other request with tokens: (request, first row, end row, start)."""
+    _blocks: dict = field(default_factory=dict)
+
+    def ring_blocks(self, block_table: torch.Tensor) -> torch.Tensor:
+        """The decoding requests' ring blocks (column 0) in `block_table`, once per KV cache group
+        (the layers of a group share its block table tensor)."""
+        got = self._blocks.get(id(block_table))
+        if got is None or got[0] is not block_table:
+            got = self._blocks[id(block_table)] = (block_table, block_table[self.reqs, 0])
+        return got[1]
 
 
 def _paged_step(fc, md: "RazorMetadata", ring: kvl.RingLayout, compensation: str) -> _PagedStep:
