@@ -264,9 +264,9 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
         self._resolved_name: str | None = None
         self._mask_tensors: dict[torch.device, torch.Tensor] = {}
         self._decode_consts: tuple | None = None
+        """kv_layout="paged": (head selector, contiguous?, region offsets) of the local heads."""
         self._sibling_views: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         """kv_layout="paged": retrieval sibling name -> (its cache, key view, value view)."""
-        """kv_layout="paged": (head selector, contiguous?, region offsets) of the local heads."""
 
     # -- layer resolution ---------------------------------------------------------------------
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
