@@ -476,7 +476,7 @@ def build_cells(runs: list[dict], backends: list[str]) -> list[dict]:
     for r in runs:
         cells.setdefault((r["input_len"], r["concurrency"]), []).append(r)
     out = []
-    for (length, conc), rs in cells.items():
+    for (length, conc), rs in sorted(cells.items()):
         cell = {"input_len": length, "concurrency": conc, "backends": {}, "ratios": {}}
         for b in backends:
             mine = [r for r in rs if r["backend"] == b]
@@ -492,15 +492,68 @@ def build_cells(runs: list[dict], backends: list[str]) -> list[dict]:
             per_rep = {}
             for m in METRICS:
                 vals = []
-                for rep in {r["rep"] for r in rs}:
-                    rr = [r for r in rs if r["rep"] == rep and r["backend"] == b]
-                    ss = [r for r in rs if r["rep"] == rep and r["backend"] == "stock"]
+                # A repetition is (source run, rep): only runs measured side by side are paired.
+                for key in {(r.get("source"), r["rep"]) for r in rs}:
+                    rr = [r for r in rs if (r.get("source"), r["rep"]) == key and r["backend"] == b]
+                    ss = [r for r in rs if (r.get("source"), r["rep"]) == key and r["backend"] == "stock"]
                     if rr and ss:
                         vals.append(ratio(m, rr[0].get(m), ss[0].get(m)))
                 per_rep[m] = geomean(vals)
             cell["ratios"][b] = per_rep
         out.append(cell)
     return out
+
+
+def load_run(path: Path) -> dict:
+    """One measured run, from its checkpoint (OUT.partial.json) or its finished OUT.json, in the
+    checkpoint's shape."""
+    d = json.loads(Path(path).read_text())
+    if "config" in d:  # a finished run
+        d = {"backends": d["config"]["backends"], "specs": d["config"]["backend_specs"], "servers": d["servers"],
+             "runs": d["runs"], "machine": d["machine"], "model": d["model"], "timing": d["timing"]}
+    else:  # a checkpoint: the run was interrupted (or is still going)
+        d["timing"] = {**d["timing"], "interrupted": True}
+    return d
+
+
+def server_identity(srv: dict) -> tuple:
+    """What makes two servers' numbers comparable: backend spec, command line without the port (and
+    the interpreter path), KV space."""
+    cmd = list(srv["cmd"])[1:]
+    if "--port" in cmd:
+        i = cmd.index("--port")
+        del cmd[i:i + 2]
+    return srv["backend"], srv["spec"], tuple(cmd), srv["kv_space_gib"]
+
+
+def merge_runs(parts: list[dict], names: list) -> dict:
+    """Several runs of the same servers as one grid (e.g. the cells an earlier run could not fit,
+    measured in a later run). Each run record keeps its `source` (the file), so ratios pair only runs
+    taken side by side in the same run. A later file's runs replace an earlier file's runs of the same
+    cell (input_len, concurrency). Refuses runs of servers started differently: their cells would not
+    be comparable."""
+    first = parts[0]
+    for name, part in zip(names[1:], parts[1:]):
+        if part["backends"] != first["backends"]:
+            raise SystemExit(f"--render: {name} measured backends {part['backends']}, {names[0]} {first['backends']}")
+        a = sorted(server_identity(s) for s in first["servers"])
+        b = sorted(server_identity(s) for s in part["servers"])
+        if a != b:
+            raise SystemExit(f"--render: {name} ran servers started differently from {names[0]}'s "
+                             f"(backend, spec, command line, KV GiB):\n  {b}\nvs\n  {a}")
+    runs: dict[tuple, list] = {}
+    sources = []
+    for name, part in zip(names, parts):
+        tagged = [{**r, "source": str(name)} for r in part["runs"]]
+        for cell in {(r["input_len"], r["concurrency"]) for r in tagged}:
+            runs[cell] = [r for r in tagged if (r["input_len"], r["concurrency"]) == cell]
+        sources.append({"file": str(name), "git": part["machine"].get("git"), "timing": part["timing"],
+                        "cells": sorted({(r["input_len"], r["concurrency"]) for r in tagged})})
+    merged = sorted((r for rs in runs.values() for r in rs), key=lambda r: r["wall_clock"])
+    timing = {"total_s": sum(s["timing"].get("total_s", 0) for s in sources),
+              "startup_s": sum(s["timing"].get("startup_s", 0) for s in sources),
+              "grid_s": sum(s["timing"].get("grid_s", 0) for s in sources), "sources": sources}
+    return {**first, "runs": merged, "timing": timing}
 
 
 def fmt(x, nd=2):
@@ -657,9 +710,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench_serving.json")
     ap.add_argument("--docs", action="store_true", help="also copy JSON and PNG to docs/results/")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--render", type=Path, metavar="PARTIAL_JSON",
-                    help="no measurement: build table/JSON/plot from the checkpoint of an interrupted run "
-                         "(OUT.partial.json); give the same grid options as that run")
+    ap.add_argument("--render", type=Path, nargs="+", metavar="RUN_JSON",
+                    help="no measurement: build table/JSON/plot from measured runs: the checkpoint of an "
+                         "interrupted run (OUT.partial.json) or a finished run's OUT.json. Several files are "
+                         "merged into one grid (same servers required; a later file's cells replace an "
+                         "earlier file's); give the grid options of those runs")
     args = ap.parse_args()
     args.input_lens = args.input_lens or (QUICK_LENS if args.quick else FULL_LENS)
     args.concurrency = args.concurrency or (QUICK_CONC if args.quick else FULL_CONC)
@@ -676,9 +731,9 @@ def main() -> None:
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     if args.render:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        part = json.loads(args.render.read_text())
+        part = merge_runs([load_run(f) for f in args.render], args.render)
         finish(args, part["backends"], part["specs"], part["servers"], part["runs"], part["machine"],
-               part["model"], {**part["timing"], "interrupted": True})
+               part["model"], part["timing"])
         return
     import torch
 

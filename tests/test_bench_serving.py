@@ -5,6 +5,7 @@ KV heads x head_dim 64, fp32) and the shipped head config (14 retrieval KV heads
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -51,3 +52,59 @@ def test_decode_limits_match_the_hand_formulas(bench, facts, ctx, batch):
     assert lim["flops_per_token"]["stock"] - 2 * facts["step_weight_params"] == 4 * 64 * 3 * 90 * ctx
     if ctx < 261:  # nothing evicted yet: razor reads what stock reads
         assert lim["kv_bytes_per_seq"]["razor"] == stock_kv
+
+
+# ---- --render with several files: merging runs into one grid -----------------------------------
+def _run(backend, length, conc, out_tok_s, rep=0, t=0.0):
+    metrics = {"output_tok_s": out_tok_s, "total_tok_s": out_tok_s, "ttft_mean_s": 1.0, "tpot_mean_ms": 10.0,
+               "steady_decode_tok_s": None, "out_tok_per_cpu_s": None}
+    return {**metrics, "backend": backend, "input_len": length, "concurrency": conc, "rep": rep,
+            "loadavg_before": [1.0, 1.0, 1.0], "wall_clock": t}
+
+
+def _server(backend, port, kv=6):
+    cmd = ["/venv/bin/python", "-m", "razor_vllm.vllm_cli", "serve", "m", "--port", str(port), "--dtype", "float32"]
+    return {"backend": backend, "spec": backend, "cmd": cmd, "kv_space_gib": kv, "kv_cache_tokens": 1000}
+
+
+def _part(runs, ports=(8410, 8411), git="abc", razor_kv=6):
+    return {"backends": ["stock", "razor"], "specs": ["stock", "razor"], "runs": runs, "model": {},
+            "servers": [_server("stock", ports[0]), _server("razor", ports[1], razor_kv)],
+            "machine": {"git": git}, "timing": {"total_s": 10.0, "startup_s": 2.0, "grid_s": 8.0}}
+
+
+def test_merge_pairs_only_runs_of_the_same_source_and_later_files_replace_cells(bench):
+    a = _part([_run("stock", 1024, 1, 10.0, t=1), _run("razor", 1024, 1, 9.0, t=2),
+               _run("stock", 4096, 8, 2.0, t=3), _run("razor", 4096, 8, 3.0, t=4)], git="old")
+    # b: other ports (same servers otherwise); re-measures 1k x 1 twice and adds 8k x 8
+    b = _part([_run("stock", 1024, 1, 10.0, rep=0, t=5), _run("razor", 1024, 1, 10.0, rep=0, t=6),
+               _run("razor", 1024, 1, 12.0, rep=1, t=7), _run("stock", 1024, 1, 10.0, rep=1, t=8),
+               _run("stock", 8000, 8, 1.0, t=9), _run("razor", 8000, 8, 2.0, t=10)], ports=(9000, 9001), git="new")
+    merged = bench.merge_runs([a, b], ["a.json", "b.json"])
+    cells = {(c["input_len"], c["concurrency"]): c for c in bench.build_cells(merged["runs"], merged["backends"])}
+    assert list(cells) == [(1024, 1), (4096, 8), (8000, 8)]  # sorted, each cell once
+    # 1k x 1 comes from b only: geometric mean of its two side-by-side pairs, 1.0 and 1.2
+    assert cells[(1024, 1)]["ratios"]["razor"]["output_tok_s"] == pytest.approx((1.0 * 1.2) ** 0.5)
+    assert cells[(4096, 8)]["ratios"]["razor"]["output_tok_s"] == pytest.approx(1.5)
+    assert cells[(8000, 8)]["ratios"]["razor"]["output_tok_s"] == pytest.approx(2.0)
+    assert {r["source"] for r in merged["runs"] if r["input_len"] == 1024} == {"b.json"}
+    assert [s["git"] for s in merged["timing"]["sources"]] == ["old", "new"]
+    assert merged["timing"]["total_s"] == 20.0
+
+
+def test_merge_refuses_runs_of_servers_started_differently(bench):
+    a = _part([_run("stock", 1024, 1, 10.0), _run("razor", 1024, 1, 9.0)])
+    b = _part([_run("stock", 8000, 8, 1.0), _run("razor", 8000, 8, 2.0)], razor_kv=3)
+    with pytest.raises(SystemExit, match="started differently"):
+        bench.merge_runs([a, b], ["a.json", "b.json"])
+
+
+def test_load_run_reads_checkpoints_and_finished_runs_alike(bench, tmp_path):
+    part = _part([_run("stock", 1024, 1, 10.0), _run("razor", 1024, 1, 9.0)])
+    (tmp_path / "x.partial.json").write_text(json.dumps(part))
+    finished = {"config": {"backends": part["backends"], "backend_specs": part["specs"]},
+                **{k: part[k] for k in ("servers", "runs", "machine", "model", "timing")}, "cells": []}
+    (tmp_path / "x.json").write_text(json.dumps(finished))
+    a, b = bench.load_run(tmp_path / "x.partial.json"), bench.load_run(tmp_path / "x.json")
+    assert a["timing"].pop("interrupted") is True and "interrupted" not in b["timing"]
+    assert a == b
