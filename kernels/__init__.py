@@ -15,7 +15,9 @@ Operators (see ``torch_ops`` for the layouts and the exact semantics):
   *, scale, head_is_local, sinks, window, k_sum, v_sum, count, compensation, out) -> out``
 
 The ring-page operators of the paged KV layout (RazorConfig.kv_layout="paged", CPU) are in
-:mod:`razor_vllm.kernels.ring_ops` (PyTorch only).
+:mod:`razor_vllm.kernels.ring_ops` (PyTorch); its per-layer decode step also exists as one fused C++
+op, :mod:`razor_vllm.kernels.cpu_ops` (``csrc/ring_decode.cpp``, built with g++ on first use and
+cached), which serving uses when it builds and which is tested against ``ring_ops``.
 
 Each is exported three ways: ``torch_<op>`` (PyTorch), ``triton_<op>`` (Triton, lazy) and ``<op>``,
 which picks Triton for tensors on an accelerator and PyTorch for CPU tensors.

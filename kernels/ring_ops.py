@@ -249,6 +249,7 @@ class RingDecodePlan:
         self.all_write = bool(write.all()) if b else True
         self.write = write
         token_slot = torch.where(starts < s, starts, s + torch.remainder(starts - s, w))
+        self.token_slot = token_slot  # int64 [B]: the slot this step's token goes to (if written)
         self.f_new = f_new.to(torch.int32)
         use_comp = compensation != "none"
         mask = torch.zeros(b, s + w + 2, dtype=torch.float32)

@@ -246,8 +246,14 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
         self.razor_config: RazorConfig = parse_razor_config(self._vllm_config.additional_config)
         self.layout: kvl.KVLayout | None = None
         """kv_layout="paged": the process-wide `KVLayout` (None in uniform mode)."""
+        self._fused_decode = False
+        """kv_layout="paged": decode through the fused C++ op `kernels.cpu_ops.ring_decode` (built
+        once per machine at engine start; RAZOR_VLLM_CPU_FUSED=0 keeps the PyTorch ring ops)."""
         if self.razor_config.kv_layout == "paged":
             self.layout = paged_layout(self._vllm_config, self.policy)
+            from razor_vllm.kernels import cpu_ops
+
+            self._fused_decode = cpu_ops.load()
         _set_active_layout(self.layout)
         tp = self._vllm_config.parallel_config.tensor_parallel_size
         if num_kv_heads * tp != self.policy.num_kv_heads and not (tp > self.policy.num_kv_heads
@@ -487,7 +493,7 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
     def _ring_decode(self, step: "_PagedStep", spec: kvl.LayerLayout, pages, query: torch.Tensor,
                      key: torch.Tensor, value: torch.Tensor, output: torch.Tensor, group: int) -> None:
         """The decoding requests of the step, all local heads of this layer at once."""
-        from razor_vllm.kernels import ring_ops
+        from razor_vllm.kernels import cpu_ops, ring_ops
 
         consts = self._decode_consts
         if consts is None:  # the layer's local heads never change: once per layer
@@ -503,11 +509,14 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
         q = query[rows].view(b, h, group, d)[:, sel]
         k, v = key[rows][:, sel], value[rows][:, sel]
         page_views = [cache[:, 0] for cache, _ in pages]
+        # the fused op needs the cache in the activations' dtype (kv_cache_dtype "auto")
+        ring_decode = (cpu_ops.ring_decode if self._fused_decode and page_views[0].dtype == q.dtype
+                       else ring_ops.ring_decode)
         if isinstance(rows, slice) and contiguous_heads:
-            ring_ops.ring_decode(page_views, offsets, blocks, step.plan, q, k, v, scale=self.scale,
-                                 out=output[rows].view(b, h, group, d)[:, sel])
+            ring_decode(page_views, offsets, blocks, step.plan, q, k, v, scale=self.scale,
+                        out=output[rows].view(b, h, group, d)[:, sel])
         else:
-            res = ring_ops.ring_decode(page_views, offsets, blocks, step.plan, q, k, v, scale=self.scale)
+            res = ring_decode(page_views, offsets, blocks, step.plan, q, k, v, scale=self.scale)
             out = output.view(-1, h, group, d)
             row_idx = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
             head_idx = sel if isinstance(sel, torch.Tensor) else torch.arange(sel.start, sel.stop)

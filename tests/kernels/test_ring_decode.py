@@ -1,5 +1,6 @@
-"""ring_ops.ring_decode (batched decode over every local head of a layer and every decoding request)
-against the per-(request, head) `ring_step` it replaces and against the dense oracle
+"""ring_decode (batched decode over every local head of a layer and every decoding request), both
+implementations: `ring_ops.ring_decode` (PyTorch) and `cpu_ops.ring_decode` (the fused C++ op), against
+the per-(request, head) `ring_step` it replaces and against the dense oracle
 `razor_vllm.reference.razor_attention_dense`.
 
 Regions live in several page tensors (a layer's local heads sit in its own page and in sibling
@@ -12,11 +13,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from razor_vllm.kernels import ring_ops
+from razor_vllm.kernels import cpu_ops, ring_ops
 from razor_vllm.kv_layout import RingLayout
 from razor_vllm.reference import razor_attention_dense
 
 G = 3
+
+
+def _fused(*args, **kwargs):
+    if not cpu_ops.load():
+        pytest.fail("the fused CPU op did not build/load (see the warning above; needs g++)")
+    return cpu_ops.ring_decode(*args, **kwargs)
+
+
+@pytest.fixture(params=["torch", "fused"])
+def ring_decode(request):
+    return {"torch": ring_ops.ring_decode, "fused": _fused}[request.param]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -60,7 +72,7 @@ def _setup(sinks, window, d, dtype, starts, num_heads, seed):
     (4, 32, [7, 35, 36, 37, 100]),
 ])
 @pytest.mark.parametrize("num_heads", [1, 3])
-def test_ring_decode_equals_ring_step(dtype, compensation, sinks, window, starts, num_heads):
+def test_ring_decode_equals_ring_step(ring_decode, dtype, compensation, sinks, window, starts, num_heads):
     d = 16
     ring, pages, offsets, blocks, k_all, v_all, q_all = _setup(sinks, window, d, dtype, starts, num_heads, seed=1)
     ref_pages = [p.clone() for p in pages]
@@ -76,7 +88,7 @@ def test_ring_decode_equals_ring_step(dtype, compensation, sinks, window, starts
             ref[i, x] = ring_ops.ring_step(region, ring, q[i, x][None], k[i, x][None], v[i, x][None], s0,
                                            scale=scale, compensation=compensation)[0]
     plan = ring_ops.ring_decode_plan(ring, st, compensation)
-    out = ring_ops.ring_decode(pages, offsets, blocks, plan, q, k, v, scale=scale)
+    out = ring_decode(pages, offsets, blocks, plan, q, k, v, scale=scale)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
     for x in range(num_heads):
@@ -85,10 +97,13 @@ def test_ring_decode_equals_ring_step(dtype, compensation, sinks, window, starts
         assert torch.equal(_bits(pages[x]), _bits(ref_pages[x])), (x, (_bits(pages[x]) != _bits(ref_pages[x])).nonzero()[:5])
 
 
-def test_ring_decode_strided_query_and_out():
-    """query/key/value/out as strided views of a layer's [tokens, heads, ...] tensors."""
+def test_ring_decode_strided_query_and_out(ring_decode):
+    """query/key/value/out as strided views of a layer's [tokens, heads, ...] tensors, and blocks as
+    column 0 of a block table (what the backend passes)."""
     d, starts = 16, [9, 30, 31]
     ring, pages, offsets, blocks, k_all, v_all, q_all = _setup(4, 8, d, torch.float32, starts, 2, seed=2)
+    blocks = [torch.stack([bl, torch.zeros_like(bl), bl + 100], dim=1)[:, 0] for bl in blocks]
+    assert blocks[0].stride() == (3,)
     ref_pages = [p.clone() for p in pages]
     b, st = len(starts), torch.tensor(starts)
     # a layer with 3 KV heads where heads 0 and 2 are local: non-contiguous head selection
@@ -99,12 +114,12 @@ def test_ring_decode_strided_query_and_out():
                                                        v_all[x, torch.arange(b), st])
     out_layer = torch.zeros(b, 3, G, d)
     heads = torch.tensor([0, 2])
-    res = ring_ops.ring_decode(pages, offsets, blocks, ring_ops.ring_decode_plan(ring, st, "single"),
+    res = ring_decode(pages, offsets, blocks, ring_ops.ring_decode_plan(ring, st, "single"),
                                q_layer[:, heads], k_layer[:, heads], v_layer[:, heads], scale=0.25)
     out_layer[:, heads] = res
     plan = ring_ops.ring_decode_plan(ring, st, "single")
     out2 = torch.zeros(b, 3, G, d)
-    ring_ops.ring_decode(ref_pages, offsets, blocks, plan, q_layer[:, 0:3:2], k_layer[:, 0:3:2],
+    ring_decode(ref_pages, offsets, blocks, plan, q_layer[:, 0:3:2], k_layer[:, 0:3:2],
                          v_layer[:, 0:3:2], scale=0.25, out=out2[:, 0:3:2])
     torch.testing.assert_close(out2, out_layer, atol=0, rtol=0)
     assert torch.equal(out2[:, 1], torch.zeros(b, G, d))
@@ -112,7 +127,7 @@ def test_ring_decode_strided_query_and_out():
 
 @pytest.mark.parametrize("compensation", ["single", "count"])
 @pytest.mark.parametrize("sinks,window", [(4, 8), (0, 3), (2, 1)])
-def test_ring_decode_sequence_against_dense_oracle(compensation, sinks, window):
+def test_ring_decode_sequence_against_dense_oracle(ring_decode, compensation, sinks, window):
     """Prefill with ring_step, then 40 decode steps of 4 requests with ring_decode, each step equal
     to the dense oracle over the request's whole sequence."""
     d, b = 16, 4
@@ -132,7 +147,7 @@ def test_ring_decode_sequence_against_dense_oracle(compensation, sinks, window):
     for _ in range(40):
         idx = torch.arange(b)
         plan = ring_ops.ring_decode_plan(ring, starts, compensation)
-        out = ring_ops.ring_decode(pages, [0], blocks, plan, q_all[idx, starts][:, None],
+        out = ring_decode(pages, [0], blocks, plan, q_all[idx, starts][:, None],
                                    k_all[idx, starts][:, None], v_all[idx, starts][:, None], scale=scale)
         for i in range(b):
             s0 = int(starts[i])
