@@ -285,6 +285,9 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
             added = kvl.register_siblings(self._vllm_config, self.layout)
             if added:
                 logger.info("razor: registered %d KV sibling layers", len(added))
+                logger.info("razor: paged decode of the local heads runs %s", (
+                    "the fused C++ op (kernels/csrc/ring_decode.cpp)" if self._fused_decode else
+                    "the PyTorch ring ops (RAZOR_VLLM_CPU_FUSED=0, or its build failed: see the warning)"))
         for name, module in list(ctx.items()):
             if getattr(module, "impl", None) is self:
                 self._resolve(name)
