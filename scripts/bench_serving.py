@@ -607,6 +607,16 @@ def markdown(result: dict) -> str:
             out.append(f"| | | **{b}/stock** | **{fmt(rat['output_tok_s'])}x** | {fmt(rat['total_tok_s'])}x | "
                        f"{fmt(rat['ttft_mean_s'])}x | **{fmt(rat['tpot_mean_ms'])}x** | "
                        f"{fmt(rat['steady_decode_tok_s'])}x | {fmt(rat['out_tok_per_cpu_s'])}x | |")
+    sources = result.get("timing", {}).get("sources") or []
+    if len(sources) > 1:  # a grid merged from several runs (--render A B ...): say which cell is from which
+        out += ["", "Merged from several runs (a later run's cells replace an earlier run's):", ""]
+        for src in sources:
+            kept = sorted({(c["input_len"], c["concurrency"]) for c in cells
+                           for r in result["runs"] if r.get("source") == src["file"]
+                           and (r["input_len"], r["concurrency"]) == (c["input_len"], c["concurrency"])})
+            out.append(f"* `{Path(src['file']).name}` (git {src.get('git')}"
+                       + (", interrupted" if src["timing"].get("interrupted") else "") + "): "
+                       + (", ".join(f"{length} x {conc}" for length, conc in kept) or "no cell kept"))
     out += ["", "Physical limits of one decode step at context T = prompt + 64 (mid-generation), batch c "
             "(weights streamed once per step; `razor` KV = retrieval heads x T + local heads x (S + W + 1)):", "",
             "| prompt | c | weights MB | KV MB stock | KV MB razor | bytes bound razor/stock | FLOPs/token stock "
