@@ -177,8 +177,10 @@ void ring_decode(at::TensorList pages, at::IntArrayRef offsets, at::TensorList b
                     bv[x].scalar_type() == bv[0].scalar_type(),
                 "ring_decode: blocks [B] (any stride), one integer dtype");
   }
-  for (const auto* t : {&mask, &n, &fold, &fold_row, &f_new, &write, &token_slot})
-    TORCH_CHECK(t->is_contiguous() || t->dim() == 2, "ring_decode: plan tensors must be contiguous");
+  for (const auto* t : {&n, &fold, &fold_row, &f_new, &write, &token_slot})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == b && t->is_contiguous(), "ring_decode: plan tensors [B], contiguous");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == b && mask.size(1) == sinks + window + 2,
+              "ring_decode: mask [B, S+W+2]");
   TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.stride(1) == 1 && n.scalar_type() == at::kFloat &&
                   fold.scalar_type() == at::kBool && write.scalar_type() == at::kBool &&
                   fold_row.scalar_type() == at::kLong && token_slot.scalar_type() == at::kLong &&

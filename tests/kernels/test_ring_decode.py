@@ -63,7 +63,7 @@ def _setup(sinks, window, d, dtype, starts, num_heads, seed):
     return ring, pages, offsets, blocks, k_all, v_all, q_all
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("compensation", ["single", "count", "none"])
 @pytest.mark.parametrize("sinks,window,starts", [
     (4, 8, [1, 3, 4, 5, 11, 12, 13, 40, 41]),   # inside the sinks, filling, full, wrapped
