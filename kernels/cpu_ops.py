@@ -139,5 +139,5 @@ def ring_decode(pages, offsets, blocks, plan, query: torch.Tensor, key: torch.Te
     s, w = plan.geometry[0], plan.geometry[1]
     torch.ops.razor_cpu.ring_decode(list(pages), list(offsets), list(blocks), plan.mask, plan.n, plan.fold,
                                     plan.fold_row, plan.f_new, plan.write, plan.token_slot, query, key, value,
-                                    float(scale), int(s), int(w), out)
+                                    float(scale), s, w, *plan.state_offsets, out)
     return out

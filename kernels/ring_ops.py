@@ -78,11 +78,10 @@ def ring_attend(region: torch.Tensor, ring: RingLayout, query: torch.Tensor, key
             pk, pv = past[:, :d], past[:, d:]
             logits = torch.matmul(qh, pk.T).mul_(scale)  # [1, G, C, n_past]
             if comp:
-                k_sum, v_sum = ring.sums(region)
-                bias = math.log(n) if compensation == "count" else 0.0
-                comp_logit = torch.matmul(qh, (k_sum / n)[:, None]).mul_(scale).add_(bias)  # [1, G, C, 1]
+                k_hat, v_hat, bias = _compensation_token(region, ring, n, compensation)
+                comp_logit = torch.matmul(qh, k_hat[:, None]).mul_(scale).add_(bias)  # [1, G, C, 1]
                 logits = torch.cat([logits, comp_logit], dim=-1)
-                pv = torch.cat([pv, (v_sum / n)[None]], dim=0)
+                pv = torch.cat([pv, v_hat[None]], dim=0)
             lse_p = torch.logsumexp(logits, dim=-1)
             out_p = torch.matmul(torch.softmax(logits, dim=-1), pv)
             lse_all = torch.logaddexp(lse, lse_p)
@@ -98,15 +97,21 @@ def ring_attend(region: torch.Tensor, ring: RingLayout, query: torch.Tensor, key
     causal[:, n_past:] = torch.ones(c, c, dtype=torch.bool).tril()
     logits = logits.masked_fill(~causal[:, None, :], float("-inf"))
     if comp:
-        k_sum, v_sum = ring.sums(region)
-        k_hat, v_hat = k_sum / n, v_sum / n  # [D] fp32
-        bias = math.log(n) if compensation == "count" else 0.0
+        k_hat, v_hat, bias = _compensation_token(region, ring, n, compensation)
         comp_logit = torch.einsum("cgd,d->cg", q, k_hat) * scale + bias
         p = torch.softmax(torch.cat([logits, comp_logit[..., None]], dim=-1), dim=-1)
         out = torch.einsum("cgn,nd->cgd", p[..., :-1], values) + p[..., -1:] * v_hat
     else:
         out = torch.einsum("cgn,nd->cgd", torch.softmax(logits, dim=-1), values)
     return out.to(query.dtype)
+
+
+def _compensation_token(region: torch.Tensor, ring: RingLayout, n: int, compensation: str):
+    """(K_hat, V_hat `[D]` fp32, logit bias) of the compensation token over the n > 0 evicted
+    positions: the means of the folded keys/values; bias ln n for "count" (the token weighs as the n
+    tokens it stands for), 0 for "single"."""
+    k_sum, v_sum = ring.sums(region)
+    return k_sum / n, v_sum / n, (math.log(n) if compensation == "count" else 0.0)
 
 
 # Chunks from this many tokens on go through the fused kernel (below it the masked softmax's
@@ -225,6 +230,7 @@ class RingDecodePlan:
         # the layout's ints, read once per step (RingLayout's offsets are properties; ring_decode
         # runs once per layer, where every attribute lookup is paid 30x per step)
         self.geometry = (s, w, ring.head_size, ring.slots, ring.sum_slots, ring.ksum_offset, ring.meta_offset)
+        self.state_offsets = (ring.ksum_offset, ring.vsum_offset, ring.meta_offset)  # the fused op's
         self.starts = starts
         self.num_reqs = b = starts.numel()
         st = starts[:, None]

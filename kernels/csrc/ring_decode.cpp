@@ -6,7 +6,8 @@
 // PyTorch version spends it in ~25 op dispatches per layer, i.e. ~5 ms per step on SmolLM2's 30
 // layers, which is what kept razor below stock vLLM at 1k tokens, batch 1 (docs/performance.md).
 //
-// Region layout (razor_vllm/kv_layout.py:RingLayout), rows of 2*D elements of the cache dtype:
+// Region layout (razor_vllm/kv_layout.py:RingLayout, which passes the state rows' offsets), rows of
+// 2*D elements of the cache dtype:
 //   [0, S) sinks | [S, S+W) window ring | ksum (fp32 bits) | vsum (fp32 bits) | meta (int32 F)
 // Per region (x, b), in this order (what ring_decode does on its gathered copy):
 //   1. attention of the G query heads over: the visible sink/window rows (mask[b, j] > -inf), this
@@ -35,14 +36,11 @@ void ring_decode_impl(const std::vector<at::Tensor>& pages, const std::vector<in
                       const at::Tensor& fold, const at::Tensor& fold_row, const at::Tensor& f_new,
                       const at::Tensor& write, const at::Tensor& token_slot, const at::Tensor& query,
                       const at::Tensor& key, const at::Tensor& value, double scale, int64_t sinks,
-                      int64_t window, at::Tensor& out) {
+                      int64_t window, int64_t ksum_off, int64_t vsum_off, int64_t meta_off, at::Tensor& out) {
   const int64_t nx = static_cast<int64_t>(pages.size());
   const int64_t b = query.size(0), g = query.size(2), d = query.size(3);
   const int64_t nkv = sinks + window;
   const int64_t row = 2 * d;  // elements per slot
-  const int64_t sum_slots = (4 * d + row * static_cast<int64_t>(sizeof(scalar_t)) - 1) /
-                            (row * static_cast<int64_t>(sizeof(scalar_t)));
-  const int64_t ksum_off = nkv, vsum_off = nkv + sum_slots, meta_off = nkv + 2 * sum_slots;
   const float* mask_p = mask.data_ptr<float>();
   const int64_t mask_stride = mask.stride(0);
   const float* n_p = n.data_ptr<float>();
@@ -157,7 +155,7 @@ void ring_decode(at::TensorList pages, at::IntArrayRef offsets, at::TensorList b
                  const at::Tensor& n, const at::Tensor& fold, const at::Tensor& fold_row, const at::Tensor& f_new,
                  const at::Tensor& write, const at::Tensor& token_slot, const at::Tensor& query,
                  const at::Tensor& key, const at::Tensor& value, double scale, int64_t sinks, int64_t window,
-                 at::Tensor out) {
+                 int64_t ksum_offset, int64_t vsum_offset, int64_t meta_offset, at::Tensor out) {
   const int64_t nx = static_cast<int64_t>(pages.size());
   TORCH_CHECK(static_cast<int64_t>(offsets.size()) == nx && static_cast<int64_t>(blocks.size()) == nx,
               "ring_decode: pages, offsets and blocks must have one entry per local head");
@@ -173,6 +171,8 @@ void ring_decode(at::TensorList pages, at::IntArrayRef offsets, at::TensorList b
     TORCH_CHECK(pv[x].scalar_type() == dtype, "ring_decode: cache dtype differs from the query's");
     TORCH_CHECK(pv[x].dim() == 3 && pv[x].size(2) == 2 * d && pv[x].stride(2) == 1 && pv[x].stride(1) == 2 * d,
                 "ring_decode: page [num_blocks, P, 2*D] with contiguous rows expected");
+    TORCH_CHECK(offsets[x] >= 0 && offsets[x] + meta_offset < pv[x].size(1),
+                "ring_decode: region at slot ", offsets[x], " with meta row ", meta_offset, " exceeds the page");
     TORCH_CHECK(bv[x].dim() == 1 && bv[x].size(0) == b &&
                     bv[x].scalar_type() == bv[0].scalar_type(),
                 "ring_decode: blocks [B] (any stride), one integer dtype");
@@ -193,10 +193,10 @@ void ring_decode(at::TensorList pages, at::IntArrayRef offsets, at::TensorList b
 #define RAZOR_RING_DECODE_CASE(T)                                                                          \
   if (i32)                                                                                                  \
     ring_decode_impl<T, int32_t>(pv, off, bv, mask, n, fold, fold_row, f_new, write, token_slot, query, key, \
-                                 value, scale, sinks, window, out);                                         \
+                                 value, scale, sinks, window, ksum_offset, vsum_offset, meta_offset, out);   \
   else                                                                                                      \
     ring_decode_impl<T, int64_t>(pv, off, bv, mask, n, fold, fold_row, f_new, write, token_slot, query, key, \
-                                 value, scale, sinks, window, out);
+                                 value, scale, sinks, window, ksum_offset, vsum_offset, meta_offset, out);
   if (dtype == at::kFloat) {
     RAZOR_RING_DECODE_CASE(float)
   } else if (dtype == at::kBFloat16) {
@@ -215,7 +215,7 @@ TORCH_LIBRARY(razor_cpu, m) {
   m.def(
       "ring_decode(Tensor(a!)[] pages, int[] offsets, Tensor[] blocks, Tensor mask, Tensor n, Tensor fold, "
       "Tensor fold_row, Tensor f_new, Tensor write, Tensor token_slot, Tensor query, Tensor key, Tensor value, "
-      "float scale, int sinks, int window, Tensor(b!) out) -> ()");
+      "float scale, int sinks, int window, int ksum_offset, int vsum_offset, int meta_offset, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(razor_cpu, CPU, m) { m.impl("ring_decode", &ring_decode); }
