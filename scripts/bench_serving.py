@@ -239,6 +239,11 @@ class Server:
                 total += (int(fields_[11]) + int(fields_[12])) / tck
         return total
 
+    def info(self) -> dict:
+        """What the results record of this server (checkpoint and final JSON alike)."""
+        return {"backend": self.backend, "spec": self.spec, "imports": self.imports, "port": self.port,
+                "kv_space_gib": self.kv_space_gib, "cmd": self.cmd, "startup_s": self.startup_s, **self.log_facts}
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -817,17 +822,13 @@ def main() -> None:
                              "specs": specs, "timing": {"startup_s": t_ready - t_start,
                                                         "grid_s": time.time() - t_ready,
                                                         "total_s": time.time() - t_start},
-                             "servers": [{"backend": x.backend, "spec": x.spec, "imports": x.imports,
-                                          "port": x.port, "kv_space_gib": x.kv_space_gib, "cmd": x.cmd,
-                                          "startup_s": x.startup_s, **x.log_facts} for x in servers]},
+                             "servers": [x.info() for x in servers]},
                             indent=1, default=str))
     finally:
         for s in servers:
             s.stop()
     t_end = time.time()
-    servers_info = [{"backend": s.backend, "spec": s.spec, "imports": s.imports, "port": s.port,
-                     "kv_space_gib": s.kv_space_gib, "cmd": s.cmd, "startup_s": s.startup_s, **s.log_facts}
-                    for s in servers]
+    servers_info = [s.info() for s in servers]
     timing = {"total_s": t_end - t_start, "startup_s": t_ready - t_start, "grid_s": t_end - t_ready}
     finish(args, backends, specs, servers_info, runs, machine, facts, timing)
 
