@@ -276,6 +276,7 @@ class RingDecodePlan:
         self.rows = torch.cat([first[:, None], state], dim=1)
         self._rows_at: dict[int, torch.Tensor] = {}
         self._mask_for: dict[tuple[int, int], torch.Tensor] = {}
+        self._starts_on: dict[torch.device, torch.Tensor] = {}
 
     def mask_for(self, nx: int, g: int) -> torch.Tensor:
         """`mask` expanded to `[X*B, G, S+W+2]` (contiguous, cached per (X, G)): the additive input
@@ -285,6 +286,17 @@ class RingDecodePlan:
             m = self._mask_for[(nx, g)] = (self.mask[None, :, None, :]
                                            .expand(nx, self.num_reqs, g, -1).reshape(nx * self.num_reqs, g, -1))
         return m
+
+    def starts_on(self, device: torch.device) -> torch.Tensor:
+        """`starts` on `device` (cached: the Triton kernel derives every other quantity from it, and
+        a step's 30 layers share one copy)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.starts
+        t = self._starts_on.get(device)
+        if t is None:
+            t = self._starts_on[device] = self.starts.to(device)
+        return t
 
     def rows_at(self, offset: int) -> torch.Tensor:
         """`rows` shifted to a region at page slot `offset` (cached per offset)."""

@@ -12,6 +12,11 @@ length T and batch B:
 * ``razor+sums``    the uniform layout's CUDA step as `backend._forward_accelerator` runs it today:
                     `compensation_sums` (re-reads every evicted key/value of every local head, i.e.
                     the full cache) + `razor_paged_attention`;
+* ``razor-ring``    the paged layout's decode step (kv_layout="paged"): the R retrieval heads'
+                    full attention over their own 1-head caches (`razor_paged_attention`, all
+                    retrieval) + `triton_ops.ring_decode` for the L local heads on their ring pages
+                    (S + W rows, the running sums read and updated, this token written): what a
+                    CUDA port of the paged layout would run per layer;
 * ``sdpa``          `torch.nn.functional.scaled_dot_product_attention` on a contiguous (not
                     paged) K/V of the same size: what a dense kernel achieves on this device.
 
@@ -79,7 +84,41 @@ def kv_bytes(case_kind: str, batch: int, ctx: int, num_kv: int, n_r: int, d: int
     if case_kind == "razor+sums":
         # compensation_sums reads [S, F) of every local head: the evicted part of the cache
         kv += batch * (num_kv - n_r) * max(0, ctx - window - sinks) * tok
+    if case_kind == "razor-ring":
+        # per local head: read the S + W ring rows it sees, write this token's row, read and write
+        # the fp32 Ksum/Vsum rows, write the frontier (this token's K/V come with the query)
+        ring = min(ctx - 1, sinks + window) * tok + tok + 4 * d * 4 + 4
+        kv = batch * (n_r * ctx * tok + (num_kv - n_r) * ring)
     return kv
+
+
+def make_ring_case(batch: int, ctx: int, num_q: int, num_kv: int, n_r: int, d: int, block: int, sinks: int,
+                   window: int, dtype, device, seed: int = 1):
+    """The paged layout's caches for one layer: a 1-head-per-retrieval-head cache of `ctx` tokens
+    (as `make_case`, n_r heads, all retrieval) and one ring page per request holding the rings of
+    the L = num_kv - n_r local heads (zeroed sums: a valid state), plus the decode step's plan."""
+    import torch
+
+    from razor_vllm.kernels import ring_ops
+    from razor_vllm.kv_layout import RingLayout
+
+    group = num_q // num_kv
+    retrieval = make_case(batch, ctx, n_r * group, n_r, d, block, 0.0, dtype, device, seed) if n_r else None
+    ring = RingLayout(sinks, window, d, dtype)
+    n_l = num_kv - n_r
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    pages = torch.randn(batch + 1, n_l * ring.slots, 2 * d, generator=gen).to(dtype)
+    for x in range(n_l):
+        for r in range(1, batch + 1):
+            ring_ops.ring_reset(ring.region(pages[r], x * ring.slots), ring)
+    pages = pages.to(device)
+    blocks = torch.arange(1, batch + 1, dtype=torch.int32, device=device)
+    plan = ring_ops.ring_decode_plan(ring, torch.full((batch,), ctx - 1), "single")
+    q = torch.randn(batch, n_l, group, d, generator=gen).to(dtype).to(device)
+    k = torch.randn(batch, n_l, d, generator=gen).to(dtype).to(device)
+    v = torch.randn(batch, n_l, d, generator=gen).to(dtype).to(device)
+    return dict(retrieval=retrieval, pages=[pages] * n_l, offsets=[x * ring.slots for x in range(n_l)],
+                blocks=[blocks] * n_l, plan=plan, q=q, k=k, v=v)
 
 
 def timed(fn, device: str, iters: int, warmup: int) -> float:
@@ -143,7 +182,7 @@ def main() -> None:
         args.contexts, args.batches = [40, 70], [1, 3]
         args.q_heads, args.kv_heads, args.head_dim, args.block_size = 4, 2, 16, 16
         args.window, args.iters, args.ratio = 8, 1, 0.5
-    from razor_vllm.kernels import torch_ops, triton_ops
+    from razor_vllm.kernels import ring_ops, torch_ops, triton_ops
 
     dtype = getattr(torch, args.dtype)
     esize = torch.empty(0, dtype=dtype).element_size()
@@ -182,6 +221,21 @@ def main() -> None:
                                                  sinks=sinks, window=window, k_sum=s[0], v_sum=s[1], count=s[2],
                                                  compensation="single", out=out)
 
+            rc = make_ring_case(batch, ctx, args.q_heads, args.kv_heads, n_r, d, args.block_size, sinks, window,
+                                dtype, device)
+            ring_out = torch.empty_like(rc["q"])
+            rr = rc["retrieval"]
+            rr_out = torch.empty_like(rr["query"]) if rr else None
+            no_local = torch.zeros_like(rr["head_is_local"]) if rr else None
+
+            def razor_ring():
+                if rr:
+                    triton_ops.razor_paged_attention(
+                        rr["query"], rr["key_cache"], rr["value_cache"], rr["block_table"], rr["seq_lens"],
+                        rr["qsl"], scale=scale, head_is_local=no_local, sinks=sinks, window=window, out=rr_out)
+                triton_ops.ring_decode(rc["pages"], rc["offsets"], rc["blocks"], rc["plan"], rc["q"], rc["k"],
+                                       rc["v"], scale=scale, out=ring_out)
+
             # dense reference: contiguous [B, H_kv, T, D] K/V, GQA through enable_gqa
             kd = torch.randn(batch, args.kv_heads, ctx, d, device=device, dtype=dtype)
             vd = torch.randn_like(kd)
@@ -207,21 +261,33 @@ def main() -> None:
                 ref_sums = torch_ops.compensation_sums(*(t.cpu() for t in common), c["head_is_local"].cpu(), sinks,
                                                        window)
                 checks["sums"] = max((a.float().cpu() - b.float()).abs().max().item() for a, b in zip(sums, ref_sums))
-            for kind, fn in (("full", full), ("razor", razor), ("razor+sums", razor_sums), ("sdpa", sdpa)):
+                ref_pages = [rc["pages"][0].cpu().clone()] * len(rc["pages"])
+                ref = ring_ops.ring_decode(ref_pages, rc["offsets"], [b.cpu() for b in rc["blocks"]], rc["plan"],
+                                           rc["q"].cpu(), rc["k"].cpu(), rc["v"].cpu(), scale=scale)
+                razor_ring()
+                checks["ring"] = max((ring_out.float().cpu() - ref.float()).abs().max().item(),
+                                     0.0 if torch.equal(rc["pages"][0].cpu(), ref_pages[0]) else float("inf"))
+                if checks["ring"] > 2e-2:
+                    sys.exit(f"smoke: razor-ring T={ctx} B={batch} differs from ring_ops.ring_decode: {checks['ring']}")
+            kinds = (("full", full), ("razor", razor), ("razor+sums", razor_sums), ("razor-ring", razor_ring),
+                     ("sdpa", sdpa))
+            for kind, fn in kinds:
                 t = timed(fn, device, args.iters, 0 if args.smoke else 3)
                 nbytes = kv_bytes(kind, batch, ctx, args.kv_heads, n_r, d, esize, sinks, window)
                 row = dict(kind=kind, ctx=ctx, batch=batch, time_s=t, kv_bytes=nbytes, bandwidth=nbytes / t,
                            frac_of_copy=(nbytes / t / peak) if peak else None, retrieval_heads=n_r,
                            kv_heads=args.kv_heads)
                 rows.append(row)
-            full_t = next(r["time_s"] for r in rows[-4:] if r["kind"] == "full")
+            case_rows = rows[-len(kinds):]
+            full_t = next(r["time_s"] for r in case_rows if r["kind"] == "full")
             line = "  ".join(f"{r['kind']} {r['time_s'] * 1e3:8.3f} ms {r['bandwidth'] / 1e9:7.1f} GB/s"
                              + (f" ({100 * r['frac_of_copy']:.0f}%)" if r["frac_of_copy"] else "")
-                             for r in rows[-4:])
-            speedup = full_t / next(r["time_s"] for r in rows[-4:] if r["kind"] == "razor")
-            print(f"T={ctx:>6} B={batch:>3}: {line}  razor speedup {speedup:.2f}x"
+                             for r in case_rows)
+            speedup = {k: full_t / next(r["time_s"] for r in case_rows if r["kind"] == k) for k in ("razor", "razor-ring")}
+            print(f"T={ctx:>6} B={batch:>3}: {line}  speedup over full: razor {speedup['razor']:.2f}x, "
+                  f"razor-ring {speedup['razor-ring']:.2f}x"
                   + (f"  max|err| {checks}" if checks else ""))
-            c = kd = vd = qd = sums = out = None  # free this case before the next one is allocated
+            c = kd = vd = qd = sums = out = rc = rr = rr_out = ring_out = None  # free this case before the next one is allocated
             if device == "cuda":
                 torch.cuda.empty_cache()
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1)",
@@ -244,7 +310,8 @@ def plot(rows, path: Path, peak) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):
-        for kind, style in (("full", "k-o"), ("razor", "r-s"), ("razor+sums", "r--^"), ("sdpa", "b:.")):
+        for kind, style in (("full", "k-o"), ("razor", "r-s"), ("razor+sums", "r--^"), ("razor-ring", "m-d"),
+                            ("sdpa", "b:.")):
             pts = sorted((r["ctx"], r["bandwidth"] / 1e9) for r in rows if r["batch"] == b and r["kind"] == kind)
             if pts:
                 ax.plot(*zip(*pts), style, label=kind)

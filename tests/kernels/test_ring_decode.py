@@ -1,5 +1,6 @@
-"""ring_decode (batched decode over every local head of a layer and every decoding request), both
-implementations: `ring_ops.ring_decode` (PyTorch) and `cpu_ops.ring_decode` (the fused C++ op), against
+"""ring_decode (batched decode over every local head of a layer and every decoding request), all three
+implementations: `ring_ops.ring_decode` (PyTorch), `cpu_ops.ring_decode` (the fused C++ op) and
+`triton_ops.ring_decode` (under the Triton interpreter on CPU tensors), against
 the per-(request, head) `ring_step` it replaces and against the dense oracle
 `razor_vllm.reference.razor_attention_dense`.
 
@@ -9,6 +10,8 @@ window not yet full, ring wrapped), pages start dirty (vLLM does not zero ring p
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -26,9 +29,19 @@ def _fused(*args, **kwargs):
     return cpu_ops.ring_decode(*args, **kwargs)
 
 
-@pytest.fixture(params=["torch", "fused"])
+def _triton(*args, **kwargs):
+    # conftest sets TRITON_INTERPRET=1 unless told otherwise: CPU tensors go through the interpreter
+    pytest.importorskip("triton", reason="triton is not installed")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("these tests use CPU tensors: compiled Triton needs TRITON_INTERPRET=1 here")
+    from razor_vllm.kernels import triton_ops
+
+    return triton_ops.ring_decode(*args, **kwargs)
+
+
+@pytest.fixture(params=["torch", "fused", "triton"])
 def ring_decode(request):
-    return {"torch": ring_ops.ring_decode, "fused": _fused}[request.param]
+    return {"torch": ring_ops.ring_decode, "fused": _fused, "triton": _triton}[request.param]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
