@@ -545,6 +545,25 @@ def razor_paged_attention(
 
 
 @triton.jit
+def _ring_rows_update(q, region, slots, vis, offs_d, d_mask, m_i, l_i, acc, scale,
+                      ROW: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Online-softmax step over the region rows `slots` ([N]) where `vis`: q `[G_PAD, D_PAD]` fp32,
+    running max/sum `[G_PAD]` and acc `[G_PAD, D_PAD]`. Invisible rows are not loaded."""
+    rows = region + slots[:, None] * ROW + offs_d[None, :]
+    kv_mask = vis[:, None] & d_mask[None, :]
+    k = tl.load(rows, mask=kv_mask, other=0.0).to(tl.float32)
+    v = tl.load(rows + HEAD_DIM, mask=kv_mask, other=0.0).to(tl.float32)
+    logits = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G_PAD, N]
+    logits = tl.where(vis[None, :], logits, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(logits - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _ring_decode_kernel(
     page_ptr,      # [num_blocks, P, 2D] cache dtype: the page layer (rows contiguous)
     page32_ptr,    # the same bytes as fp32 (the Ksum/Vsum rows)
@@ -598,18 +617,8 @@ def _ring_decode_kernel(
     if SINKS > 0:
         offs_s = tl.arange(0, S_PAD)
         vis = (offs_s < SINKS) & (offs_s < start)
-        rows = region + offs_s[:, None] * ROW + offs_d[None, :]
-        kv_mask = vis[:, None] & d_mask[None, :]
-        ks = tl.load(rows, mask=kv_mask, other=0.0).to(tl.float32)
-        vs = tl.load(rows + HEAD_DIM, mask=kv_mask, other=0.0).to(tl.float32)
-        logits = tl.sum(q[:, None, :] * ks[None, :, :], axis=2) * scale  # [G_PAD, S_PAD]
-        logits = tl.where(vis[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(logits - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vs[None, :, :], axis=1)
-        m_i = m_new
+        m_i, l_i, acc = _ring_rows_update(q, region, offs_s, vis, offs_d, d_mask, m_i, l_i, acc, scale,
+                                          ROW, HEAD_DIM)
 
     # Window slot k holds the newest position p < start with (p - S) % W == k: visible iff it exists
     # (k < start - S) and is not the slot this step overwrites once the ring has wrapped.
@@ -618,18 +627,8 @@ def _ring_decode_kernel(
     for k0 in range(0, WINDOW, BLOCK_N):
         kk = k0 + tl.arange(0, BLOCK_N)
         vis = (kk < WINDOW) & (kk < cached) & (kk != overwritten)
-        rows = region + (SINKS + kk)[:, None] * ROW + offs_d[None, :]
-        kv_mask = vis[:, None] & d_mask[None, :]
-        kw = tl.load(rows, mask=kv_mask, other=0.0).to(tl.float32)
-        vw = tl.load(rows + HEAD_DIM, mask=kv_mask, other=0.0).to(tl.float32)
-        logits = tl.sum(q[:, None, :] * kw[None, :, :], axis=2) * scale  # [G_PAD, BLOCK_N]
-        logits = tl.where(vis[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(logits - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vw[None, :, :], axis=1)
-        m_i = m_new
+        m_i, l_i, acc = _ring_rows_update(q, region, SINKS + kk, vis, offs_d, d_mask, m_i, l_i, acc, scale,
+                                          ROW, HEAD_DIM)
 
     # The compensation token over the n = F_old - S evicted positions (absent when n == 0).
     f_old = tl.maximum(start - WINDOW + 1, SINKS)
