@@ -722,6 +722,10 @@ def ring_decode(pages, offsets, blocks, plan, query: torch.Tensor, key: torch.Te
         if (2 * d * page.element_size()) % 4 or (page.stride(0) * page.element_size()) % 4:
             raise ValueError(f"ring_decode: page {x}: rows of {2 * d} x {page.dtype} do not hold whole fp32 "
                              "sums")
+        if offsets[x] < 0 or offsets[x] + meta_off >= page.shape[1]:
+            # the C++ op's check too: a region past the page would be written out of bounds
+            raise ValueError(f"ring_decode: region at slot {offsets[x]} with meta row {meta_off} exceeds the "
+                             f"page of {page.shape[1]} slots (head {x})")
         key_ = (page.data_ptr(), page.stride(0), tuple(page.shape), blk.data_ptr(), blk.stride(0))
         groups.setdefault(key_, []).append(x)
     esize = pages[0].element_size()

@@ -175,3 +175,20 @@ def test_ring_decode_sequence_against_dense_oracle(ring_decode, compensation, si
 def test_ring_decode_plan_rejects_start_zero():
     with pytest.raises(ValueError, match="start >= 1"):
         ring_ops.ring_decode_plan(RingLayout(4, 8, 16, torch.float32), torch.tensor([3, 0]), "single")
+
+
+@pytest.mark.parametrize("impl", ["fused", "triton"])
+def test_ring_decode_rejects_region_outside_page(impl):
+    """A region offset whose state rows fall past the page is refused before anything is written
+    (the kernels write the frontier and sums in place: out of bounds otherwise)."""
+    d, starts = 16, [9, 30]
+    ring, pages, offsets, blocks, k_all, v_all, q_all = _setup(4, 8, d, torch.float32, starts, 1, seed=4)
+    before = pages[0].clone()
+    st = torch.tensor(starts)
+    idx = torch.arange(len(starts))
+    q, k, v = q_all[0, idx, st][:, None], k_all[0, idx, st][:, None], v_all[0, idx, st][:, None]
+    bad = pages[0].shape[1] - ring.slots + 1  # the meta row lands one slot past the page
+    fn = {"fused": _fused, "triton": _triton}[impl]
+    with pytest.raises((ValueError, RuntimeError), match="exceeds the page"):
+        fn(pages, [bad], blocks, ring_ops.ring_decode_plan(ring, st, "single"), q, k, v, scale=0.25)
+    assert torch.equal(pages[0], before)
