@@ -24,8 +24,6 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /opt/razor-vllm/src
 COPY pyproject.toml README.md ./
 COPY razor_vllm/ razor_vllm/
-COPY kernels/ kernels/
-COPY configs/ configs/
 
 # razor-vllm's own dependencies (read from pyproject.toml [project].dependencies), constrained to
 # the vllm and torch already in the image so nothing can upgrade them, then the project with
@@ -62,7 +60,7 @@ WORKDIR /home/razor
 
 # Fail the build, not the first deployment: the installed package (not the source tree), its vLLM
 # plugin entry point and the default head config must all resolve for the non-root user.
-RUN python3 -c "import razor_vllm, razor_vllm.plugin; from importlib.metadata import entry_points; assert any(e.value == 'razor_vllm.plugin:register' for e in entry_points(group='vllm.general_plugins')), 'vllm.general_plugins entry point razor is missing'; from razor_vllm.head_config import load_head_config; load_head_config('${RAZOR_HEAD_CONFIG}')"
+RUN python3 -c "import razor_vllm, razor_vllm.vllm.plugin; from importlib.metadata import entry_points; assert any(e.value == 'razor_vllm.vllm.plugin:register' for e in entry_points(group='vllm.general_plugins')), 'vllm.general_plugins entry point razor is missing'; from razor_vllm.heads import load_head_config; load_head_config('${RAZOR_HEAD_CONFIG}')"
 
 EXPOSE 8000
 # Model loading and CUDA-graph capture take minutes; failures only count after start-period.

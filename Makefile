@@ -15,7 +15,7 @@ setup:
 # Fetch the default model, use its shipped head config (profile it once if none ships), start
 # `vllm serve --attention-backend razor` (paged KV layout) on 127.0.0.1, ask a ~6k-token passkey
 # through the openai client, print the answer and the KV saving read from the server, stop it.
-# Exits non-zero if anything failed (razor_vllm/demo.py).
+# Exits non-zero if anything failed (razor_vllm/serve/demo.py).
 demo: setup
 	$(BIN)/razor-vllm demo --model $(MODEL)
 
@@ -24,7 +24,7 @@ demo: setup
 profile: setup
 	$(BIN)/razor-vllm fetch-model $(MODEL)
 	$(BIN)/razor-vllm profile $(MODEL) --out out/$(MODEL).json --plot out/$(MODEL).png \
-		--compare configs/$(MODEL).json
+		--compare razor_vllm/configs/$(MODEL).json
 
 reproduce: profile
 
@@ -32,7 +32,7 @@ reproduce: profile
 # checks the KV cache is empty again on /metrics (a few minutes; writes out/loadtest.json).
 loadtest: setup
 	$(BIN)/razor-vllm fetch-model $(MODEL)
-	$(BIN)/python scripts/loadtest.py
+	$(BIN)/python benchmarks/loadtest.py
 
 test: setup
 	$(BIN)/razor-vllm fetch-model $(MODEL)
@@ -40,7 +40,7 @@ test: setup
 
 # Re-create the shipped head config (commit the result together with the change that required it).
 profile-shipped: setup
-	$(BIN)/razor-vllm profile $(MODEL) --out configs/$(MODEL).json --plot docs/$(MODEL)-heads.png
+	$(BIN)/razor-vllm profile $(MODEL) --out razor_vllm/configs/$(MODEL).json --plot docs/$(MODEL)-heads.png
 
 clean:
 	rm -rf out .pytest_cache

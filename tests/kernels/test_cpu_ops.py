@@ -1,4 +1,4 @@
-"""kernels/cpu_ops.py: how the fused CPU op is built, cached and turned off. (Its results are tested
+"""razor_vllm/kernels/ring_cpp.py: how the fused CPU op is built, cached and turned off. (Its results are tested
 against the PyTorch ring ops in test_ring_decode.py.)"""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from razor_vllm.kernels import cpu_ops
+from razor_vllm.kernels import ring_cpp as cpu_ops
 
 
 @pytest.fixture

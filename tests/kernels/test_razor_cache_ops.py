@@ -17,7 +17,7 @@ import textwrap  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from razor_vllm.kernels import torch_ops  # noqa: E402
+from razor_vllm.kernels import uniform_torch as torch_ops  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 
@@ -162,7 +162,7 @@ def test_compensation_sums_matches_reference(backend, dtype, block_size, head_di
 
 
 def test_package_import_and_cpu_dispatch_never_import_triton(tmp_path):
-    """``import razor_vllm.kernels`` and CPU calls through its dispatchers stay Triton-free."""
+    """``import razor_vllm.kernels`` and the CPU implementation it selects stay Triton-free."""
     script = textwrap.dedent("""
         import sys
         import torch
@@ -171,8 +171,10 @@ def test_package_import_and_cpu_dispatch_never_import_triton(tmp_path):
         key_cache = torch.zeros(2, 1, 4, 8)
         value_cache = torch.zeros(2, 1, 4, 8)
         kv = torch.ones(1, 1, 8)
-        kernels.reshape_and_cache(kv, kv, key_cache, value_cache, torch.tensor([4]))
-        out = kernels.razor_paged_attention(
+        ops = kernels.uniform_ops(kernels.uniform_impl_for(key_cache.device))
+        assert ops.__name__.endswith("uniform_torch")
+        ops.reshape_and_cache(kv, kv, key_cache, value_cache, torch.tensor([4]))
+        out = ops.razor_paged_attention(
             torch.ones(1, 2, 8), key_cache, value_cache, torch.tensor([[1]], dtype=torch.int32),
             torch.tensor([1], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),
             scale=1.0, head_is_local=torch.tensor([True]), sinks=0, window=4)

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from razor_vllm.kernels import torch_ops  # noqa: E402
+from razor_vllm.kernels import uniform_torch as torch_ops  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}

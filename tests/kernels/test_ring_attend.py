@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from razor_vllm.kernels import ring_ops
-from razor_vllm.kv_layout import RingLayout
+from razor_vllm.kernels import ring_torch as ring_ops
+from razor_vllm.kernels.ring_layout import RingLayout
 from razor_vllm.reference import razor_attention_dense
 
 G = 3

@@ -1,6 +1,6 @@
 """ring_decode (batched decode over every local head of a layer and every decoding request), all three
 implementations: `ring_ops.ring_decode` (PyTorch), `cpu_ops.ring_decode` (the fused C++ op) and
-`triton_ops.ring_decode` (under the Triton interpreter on CPU tensors), against
+`ring_triton.ring_decode` (under the Triton interpreter on CPU tensors), against
 the per-(request, head) `ring_step` it replaces and against the dense oracle
 `razor_vllm.reference.razor_attention_dense`.
 
@@ -16,8 +16,8 @@ import os
 import pytest
 import torch
 
-from razor_vllm.kernels import cpu_ops, ring_ops
-from razor_vllm.kv_layout import RingLayout
+from razor_vllm.kernels import ring_cpp as cpu_ops, ring_torch as ring_ops
+from razor_vllm.kernels.ring_layout import RingLayout
 from razor_vllm.reference import razor_attention_dense
 
 G = 3
@@ -34,9 +34,9 @@ def _triton(*args, **kwargs):
     pytest.importorskip("triton", reason="triton is not installed")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("these tests use CPU tensors: compiled Triton needs TRITON_INTERPRET=1 here")
-    from razor_vllm.kernels import triton_ops
+    from razor_vllm.kernels import ring_triton
 
-    return triton_ops.ring_decode(*args, **kwargs)
+    return ring_triton.ring_decode(*args, **kwargs)
 
 
 @pytest.fixture(params=["torch", "fused", "triton"])
