@@ -35,6 +35,9 @@ class RazorPageMetadata:
 class RazorPageMetadataBuilder(AttentionMetadataBuilder[RazorPageMetadata]):
     """Block table + sequence bookkeeping only (no kernel metadata)."""
 
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in the base class
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
         return RazorPageMetadata(block_table=cm.block_table_tensor, seq_lens=cm.seq_lens,
