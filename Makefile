@@ -30,11 +30,8 @@ reproduce: profile
 
 # Concurrent streaming clients, cancellations and over-long prompts against a real server, then
 # checks the KV cache is empty again on /metrics (a few minutes; writes out/loadtest.json).
-load# Gemma 3 (a second architecture, with sliding-window layers) is fetched too, so that the tests of
-# the worker-side refusal and the three-process shutdown run instead of skipping (~240 MB, cached).
-test: setup
+loadtest: setup
 	$(BIN)/razor-vllm fetch-model $(MODEL)
-	$(BIN)/razor-vllm fetch-model gemma3-270m
 	$(BIN)/python benchmarks/loadtest.py
 
 # Gemma 3 (a second architecture, with sliding-window layers) is fetched too, so that the tests of
