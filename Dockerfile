@@ -42,7 +42,7 @@ COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/razor-vllm-entrypoint
 # Serving settings; docker/entrypoint.sh turns them into `vllm serve` arguments. MODEL has no default.
 ENV RAZOR_HEAD_CONFIG=smollm2-135m-instruct \
     RAZOR_WINDOW=256 \
-    RAZOR_SINKS=4 \
+    RAZOR_SINKS=64 \
     RAZOR_COMPENSATION=single \
     PORT=8000
 

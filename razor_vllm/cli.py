@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--id-low", type=int, default=d["id_low"].default)
     pr.add_argument("--id-high", type=int, default=d["id_high"].default)
     pr.add_argument("--dtype", default=d["dtype"].default, choices=["float32", "bfloat16", "float16"],
-                    help="forward-pass dtype (scores are fp32 either way); float32 is 2-3x faster than "
+                    help="forward-pass dtype (scores are fp32 either way); float32 avoids emulated "
                     "bf16 on CPUs without AVX512-BF16")
     pr.add_argument("--top", type=int, default=20, help="rows of the printed head table")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--protocol", default="question-compressed", choices=["question-compressed", "exact-prefill"])
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="model dtype (float32 is 2-3x faster than bf16 on CPUs without AVX512-BF16)")
+                    help="model dtype (float32 avoids emulated bf16 on CPUs without AVX512-BF16)")
     ev.add_argument("--json", type=Path)
     ev.add_argument("--plot", type=Path)
     ev.add_argument("--quiet", action="store_true")

@@ -29,8 +29,12 @@ class RazorConfig:
     """Path of a head config from `razor-vllm profile`, or the name of a shipped one (configs/)."""
     window: int = Field(256, ge=1)
     """Recent tokens kept exactly by non-retrieval heads (the query's own token included)."""
-    sinks: int = Field(4, ge=0)
-    """First tokens kept by non-retrieval heads (attention sinks; 4 in the paper and Huawei's code)."""
+    sinks: int = Field(64, ge=0)
+    """First tokens kept by non-retrieval heads. The paper and Huawei's code keep 4; vLLM's default
+    chunked prefill makes a long prompt's question read a compressed context, and 4 sinks then lose
+    the prompt's instructions (docs/accuracy.md, "Serving protocols": 64 recovers those answers at
+    about 6 % of the paged layout's capacity at 8k). An interim default until the sweep of issue
+    "Accuracy you can trust" chooses from both protocols."""
     compensation: Compensation = "single"
     """How the compensation token (mean of evicted post-RoPE keys and values) enters the softmax:
     "single" as one ordinary token, "count" as all n evicted tokens (a logit bias of ln n), "none" not

@@ -37,7 +37,7 @@ from razor_vllm.serve.process import parse_kv_capacity_log
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = default_model_dir()
-HEADS = REPO / "configs" / "smollm2-135m-instruct.json"
+HEADS = REPO / "razor_vllm" / "configs" / "smollm2-135m-instruct.json"
 RESULT = "PROBE_RESULT "
 
 # -------------------------------------------------------------------------------------------------

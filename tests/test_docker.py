@@ -48,7 +48,7 @@ DOCKERFILES = {"gpu": GPU_FILE, "cpu": CPU_FILE}
 VENV_BIN = Path(sys.executable).parent
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-DEFAULT_RAZOR = {"head_config": "smollm2-135m-instruct", "window": 256, "sinks": 4, "compensation": "single"}
+DEFAULT_RAZOR = {"head_config": "smollm2-135m-instruct", "window": 256, "sinks": 64, "compensation": "single"}
 
 
 def _pin(requirements: list[str], name: str) -> str:

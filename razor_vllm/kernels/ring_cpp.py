@@ -92,7 +92,7 @@ def build(verbose: bool = False) -> Path:
         os.unlink(tmp)
         raise RuntimeError(f"razor-vllm fused CPU ops: C++ compiler {cmd[0]!r} not found (install g++, or set "
                            f"CXX; {ENV}=0 runs the PyTorch ops instead)")
-    logger.info("razor-vllm: building the fused CPU ring_decode op (once per machine, ~20 s) into %s", lib)
+    logger.info("razor-vllm: building the fused CPU ring_decode op (once per machine) into %s", lib)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         os.unlink(tmp)

@@ -245,7 +245,7 @@ class RingDecodePlan:
         # it exists (k < m) and p >= F_old = start - W + 1, false only for the slot this step
         # overwrites (k == m % W) once the ring has wrapped (m >= W).
         win_vis = (j >= s) & (k < m) & ((m < w) | (k != torch.remainder(m, w)))
-        f_old = torch.clamp(starts - w + 1, min=s)
+        f_old = torch.clamp(starts - w + 1, min=s)  # reference.frontier, batched over requests
         n = f_old - s
         f_new = torch.maximum(f_old, starts - w + 2)
         fold = f_new > f_old  # at most one position (f_old) leaves the window per decode step

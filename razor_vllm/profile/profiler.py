@@ -56,7 +56,7 @@ class ProfileOptions:
     dtype: str = _DEFAULTS["dtype"]
     """Forward-pass dtype; the scores themselves are always computed in fp32. float32 by default:
     bf16 weights upcast exactly, the result does not depend on whether the CPU has native bf16
-    arithmetic, and on CPUs without AVX512-BF16/AMX it is 2-3x faster than emulated bf16."""
+    arithmetic, and on CPUs without AVX512-BF16/AMX it avoids emulated bf16 (docs/performance.md)."""
     chunk_size: int = 256
     """Query rows per score chunk of the unfused path: bounds the peak at chunk x seq_len x query
     heads x 4 bytes."""

@@ -147,9 +147,11 @@ def _report_kv(server, razor: bool, args: argparse.Namespace, failures: list[str
                             "point installed? re-run `pip install -e .` / scripts/setup.sh)")
         else:
             print(f"  retrieval heads (full KV)       {100 * g['retrieval_head_fraction']:.1f} % of the KV heads")
-            print(f"  KV bytes per token              {_fmt_int(g['kv_bytes_per_token'])} B vs "
-                  f"{_fmt_int(g['kv_bytes_per_token_full'])} B full "
-                  f"({g['kv_bytes_per_token_full'] / g['kv_bytes_per_token']:.1f}x less)")
+            per_token, full_per_token = g["kv_bytes_per_token"], g["kv_bytes_per_token_full"]
+            # no retrieval head (e.g. a StreamingLLM-like config): a token adds nothing to the KV
+            less = f"{full_per_token / per_token:.1f}x less" if per_token else "only the fixed rings below"
+            print(f"  KV bytes per token              {_fmt_int(per_token)} B vs {_fmt_int(full_per_token)} B "
+                  f"full ({less})")
             print(f"  + fixed per request (rings)     {g['kv_bytes_per_request_fixed'] / 2**20:.1f} MiB")
             print(f"  {f'KV kept at {args.max_model_len:,} tokens':<32}{100 * g['kv_fraction']:.1f} % of full")
     full = g["kv_bytes_per_token_full"]

@@ -109,7 +109,7 @@ class RazorServer:
     `razor=None` serves the stock backend (for A/B comparisons); otherwise `--attention-backend razor
     --additional-config '{"razor": razor}'`. `extra_args` are appended last (vLLM keeps the last value
     of a repeated flag, so they override the defaults here). Defaults suit the 2-core CPU machine:
-    float32 (no AVX512-BF16 here), eager mode (startup ~30 s instead of ~90 s with torch.compile).
+    float32 (no AVX512-BF16 here) and eager mode (much faster start-up than torch.compile on 2 cores).
     Prefix caching is left to vLLM's default (`prefix_caching=None`): razor turns it off itself.
     """
 

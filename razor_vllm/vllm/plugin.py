@@ -18,7 +18,7 @@ here is therefore idempotent, and nothing changes unless razor is explicitly req
    the process that builds the config: `vllm serve`'s API server, the `LLM(...)` process) is
    wrapped to run razor's engine-start checks there too when razor is selected. A refused flag or
    an unusable head config then fails in seconds, with one traceback naming the problem and the
-   fix, instead of after the engine core and worker have been spawned (~45 s on 2 CPU cores) with
+   fix, instead of after the engine core and worker have been spawned with
    the error buried in three processes' logs. The worker runs the same checks again
    (`RazorAttentionImpl.__init__`), which stay authoritative; the model-level ones (sliding window,
    ALiBi, ...) need the attention layers and are only done there.

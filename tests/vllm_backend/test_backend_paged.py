@@ -28,7 +28,7 @@ from razor_vllm.config import RazorConfigError
 # end to end (slow): one spawned engine per configuration, shut down before the next one
 # --------------------------------------------------------------------------------------------------
 SMOL = default_model_dir()
-RAZOR = {"head_config": "smollm2-135m-instruct", "window": 64}
+RAZOR = {"head_config": "smollm2-135m-instruct", "window": 64, "sinks": 4}  # P = 160: see the preemption test
 NEW_TOKENS = 12
 
 
@@ -167,6 +167,17 @@ def test_paged_equals_uniform_many_concurrent_mixed_lengths():
     paged = _run("paged", prompts, **kw)
     assert [len(t) for t in paged.tokens] == [NEW_TOKENS] * len(prompts)
     assert paged.tokens == uniform.tokens
+
+
+@_needs_engine
+def test_compiled_mode_equals_eager():
+    """vLLM's default compiled mode (torch.compile, what `vllm serve` and the Docker images run
+    unless --enforce-eager is given) gives the eager tokens with the paged layout."""
+    kw = dict(max_num_batched_tokens=4096)
+    eager = _run("paged", LONG[:2], **kw)
+    compiled = _run("paged", LONG[:2], enforce_eager=False, **kw)
+    assert "enforce_eager=False" in compiled.log and "enforce_eager=True" in eager.log
+    assert compiled.tokens == eager.tokens
 
 
 @_needs_engine

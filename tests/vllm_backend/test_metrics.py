@@ -59,9 +59,9 @@ def test_paged_layout_and_gauges_built_twice():
     get = REGISTRY.get_sample_value
     assert get("razor:kv_bytes_per_token", {"model_name": "smol"}) == 14 * SLOT
     assert get("razor:kv_bytes_per_token_full", {"model_name": "smol"}) == 90 * SLOT
-    assert get("razor:kv_bytes_per_request_fixed", {"model_name": "smol"}) > 76 * (4 + 128) * SLOT
+    assert get("razor:kv_bytes_per_request_fixed", {"model_name": "smol"}) > 76 * (64 + 128) * SLOT
     assert get("razor:config_info", {"model_name": "smol", "head_config": "smollm2-135m-instruct",
-                                     "window": "128", "sinks": "4", "compensation": "single",
+                                     "window": "128", "sinks": "64", "compensation": "single",
                                      "retrieval": "config", "kv_layout": "paged"}) == 1
 
 

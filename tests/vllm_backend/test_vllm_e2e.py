@@ -39,7 +39,7 @@ needs_smol = pytest.mark.skipif(not (SMOL / "config.json").exists(),
 MAX_MODEL_LEN = 4096
 SHORT_NEW_TOKENS = 24
 LONG_NEW_TOKENS = 16
-LONG_RAZOR = {"window": 64, "kv_layout": "uniform"}  # with the shipped head config; other settings: defaults
+LONG_RAZOR = {"window": 64, "sinks": 4, "kv_layout": "uniform"}  # with the shipped head config; other settings: defaults
 
 
 @contextlib.contextmanager
