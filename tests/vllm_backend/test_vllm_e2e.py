@@ -7,7 +7,7 @@ configuration, eager mode, short generations).
   prompt as one exact prefill, then decoding over the compressed past), within bf16 tie flips;
 * fp32, in both protocols (one exact prefill; 512-token prefill chunks), on three prompts longer than
   the window: stock vLLM equals stock HF and the paged layout equals the HF razor oracle, token for
-  token, with per-token log-prob differences at least 10x below the distance between razor and full
+  token, with per-token log-prob differences at least 1000x below the distance between razor and full
   attention;
 * a head config profiled for another model stops the engine at start with HeadConfigMismatch's
   message.
@@ -297,7 +297,10 @@ def test_fp32_vllm_equals_hf_in_both_protocols(tokenizer, hf_fp32, protocol):
         full = _hf_logprobs(hf_fp32, prompt, toks, None, chunk)
         vs_oracle = sum(abs(a - b) for a, b in zip(lps, oracle)) / len(toks)
         no_compression = sum(abs(a - b) for a, b in zip(full, oracle)) / len(toks)
+        print(f"{protocol}: mean |log-prob diff| vLLM vs oracle {vs_oracle:.2e}, razor vs full {no_compression:.2e}")
         assert no_compression > 1e-3, "razor and full attention agree: nothing was compressed"
-        assert vs_oracle < 0.1 * no_compression, (vs_oracle, no_compression)
+        # measured: 1-2e-6 vs 0.06-0.11 nats (fp32): three orders of magnitude keep a wide margin and
+        # catch a wrong compensation on the chunk path, which leaves the greedy tokens unchanged
+        assert vs_oracle < 1e-3 * no_compression, (vs_oracle, no_compression)
         changed += toks != stock_toks
     print(f"{protocol}: razor changed the greedy tokens of {changed}/{len(prompts)} prompts")
