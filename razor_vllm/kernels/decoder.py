@@ -28,6 +28,7 @@ class RingDecoder:
     def __init__(self, ring: RingLayout, compensation: str, *, impl: str = "auto",
                  device: torch.device | str = "cpu", query_dtype: torch.dtype | None = None) -> None:
         device = torch.device(device)
+        requested = impl
         if impl == "auto":
             if device.type != "cpu":
                 impl = "triton"
@@ -38,7 +39,7 @@ class RingDecoder:
                 impl = "cpp" if same_dtype and ring_cpp.load() else "torch"
         if impl not in RING_DECODE_IMPLS:
             raise ValueError(f"unknown ring_decode implementation {impl!r}; choose one of {RING_DECODE_IMPLS}")
-        if impl == "cpp":
+        if requested == "cpp":  # "auto" chose cpp only after it loaded
             from . import ring_cpp
 
             if not ring_cpp.load():

@@ -63,15 +63,22 @@ def _razor_requested(engine_args) -> bool:
     """Whether EngineArgs ask for razor (`--attention-backend razor`, or CUSTOM pointing at razor)."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    custom = AttentionBackendEnum.CUSTOM
     for value in (getattr(engine_args, "attention_backend", None),
                   getattr(getattr(engine_args, "attention_config", None), "backend", None)):
         if value is None:
             continue
         name = value.name if isinstance(value, AttentionBackendEnum) else str(value).upper()
-        if name == ALIAS or (name == custom.name and custom.get_path() == BACKEND_PATH):
+        if name == ALIAS or (name == AttentionBackendEnum.CUSTOM.name and _custom_is_razor()):
             return True
     return False
+
+
+def _custom_is_razor() -> bool:
+    """Whether vLLM's single CUSTOM backend slot points at razor (another plugin may claim it)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    custom = AttentionBackendEnum.CUSTOM
+    return custom.is_overridden() and custom.get_path() == BACKEND_PATH
 
 
 def _patch_prefix_caching_default() -> None:
@@ -139,8 +146,7 @@ def _razor_selected(vllm_config) -> bool:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
-    custom = AttentionBackendEnum.CUSTOM
-    return backend == custom and custom.is_overridden() and custom.get_path() == BACKEND_PATH
+    return backend == AttentionBackendEnum.CUSTOM and _custom_is_razor()
 
 
 def _patch_cpu_selector() -> None:

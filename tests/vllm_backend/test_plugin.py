@@ -137,3 +137,23 @@ def test_config_time_checks_wrap_the_platform_once_and_only_for_razor(tmp_path):
     build(None, {"razor": {"head_config": "/nonexistent/heads.json"}})  # razor not selected: untouched
     with pytest.raises(ValueError, match="HeadConfigError: head config '/nonexistent/heads.json' not found"):
         build("razor", {"razor": {"head_config": "/nonexistent/heads.json"}})
+
+
+@pytest.mark.parametrize("flag, expected", [(None, False), (False, False)])
+def test_prefix_caching_default_is_turned_off_for_razor(smollm2_dir, flag, expected):
+    """vLLM turns prefix caching on when the user says nothing; with razor requested (and nothing
+    said) the plugin turns it off, so `vllm serve MODEL --attention-backend razor` starts as typed.
+    An explicit --enable-prefix-caching stays on and is refused (tests/serve/test_serve_startup.py)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    import razor_vllm.vllm.plugin as plugin
+
+    plugin.register()
+    args = EngineArgs(model=str(smollm2_dir), attention_backend="razor", max_model_len=1024,
+                      enable_prefix_caching=flag,
+                      additional_config={"razor": {"head_config": "smollm2-135m-instruct"}})
+    assert plugin._razor_requested(args)
+    assert args.create_engine_config().cache_config.enable_prefix_caching is expected
+    stock = EngineArgs(model=str(smollm2_dir), max_model_len=1024)
+    assert not plugin._razor_requested(stock)
+    assert stock.create_engine_config().cache_config.enable_prefix_caching is True  # vLLM's own default
