@@ -1,30 +1,66 @@
-"""Render docs/accuracy.md tables from `razor-vllm eval --json` outputs.
+"""Render accuracy tables (markdown) and the combined summary from `razor-vllm eval` row files.
 
-Usage: python benchmarks/accuracy_report.py docs/results/*.json > docs/accuracy-tables.md
-Each input is a list of records (task, length, method, accuracy, kv_fraction, n, ...).
+    python -m benchmarks.accuracy_report docs/results/accuracy/*.jsonl \\
+        --summary docs/results/accuracy_summary.json --plot docs/results/accuracy/pareto.png > tables.md
+
+Every input is a JSONL of per-prompt rows (`razor_vllm.eval.run`); the model is the file name's part
+before the first "_". The summary JSON is the list of `SummaryRecord`s (model, task, length,
+protocol, method, n, accuracy, kv_fraction, delta_vs_full, delta_ci95, flip_share, settings).
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import sys
 from pathlib import Path
 
-from razor_vllm.eval.run import Record, label
+from razor_vllm.eval.run import SummaryRecord, load_rows, pareto, plot, summarize, write_summary
 
 
-def table(path: Path) -> str:
-    records = [Record(**r) for r in json.loads(path.read_text())]
-    if not records:
-        return f"### {path.name}\n\n(no records)\n"
-    proto = records[0].protocol
-    lines = [f"### {path.stem}", "", f"Protocol: {proto}; dtype {records[0].dtype}; sinks {records[0].sinks}.", "",
-             "| task | length | method | accuracy | KV kept | retrieval heads | n |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r.length, r.task, r.method != "full", label(r))):
-        lines.append(f"| {r.task} | {r.length} | {label(r)} | {r.accuracy:.2f} | {r.kv_fraction:.3f} | "
-                     f"{r.retrieval_fraction:.3f} | {r.n} |")
-    return "\n".join(lines) + "\n"
+def markdown(records: list[SummaryRecord]) -> str:
+    out = []
+    for model, protocol, length in sorted({(r.model, r.protocol, r.length) for r in records}):
+        cell = [r for r in records if (r.model, r.protocol, r.length) == (model, protocol, length)]
+        means = sorted((r for r in cell if r.task == "mean"), key=lambda r: (r.label != "full", r.kv_fraction))
+        if not means:
+            continue
+        front = {r.label for r in pareto([r for r in means if r.method == "razor"])}
+        tasks = means[0].tasks or []
+        out += [f"### {model}, {length} tokens, {protocol}", "",
+                f"Mean over {', '.join(tasks)} (n = {means[0].n} prompts, paired; 95 % paired-bootstrap "
+                f"interval; * = on razor's Pareto front).", "",
+                "| method | KV kept | accuracy | delta vs full [95 % CI] | flips |", "|---|---|---|---|---|"]
+        for r in means:
+            delta = (f"{100 * r.delta_vs_full:+.1f} [{100 * r.delta_ci95[0]:+.1f}, {100 * r.delta_ci95[1]:+.1f}]"
+                     if r.delta_vs_full is not None else "")
+            flips = f"{100 * r.flip_share:.1f} %" if r.flip_share is not None else ""
+            star = " *" if r.label in front else ""
+            out.append(f"| {r.label}{star} | {100 * r.kv_fraction:.1f} % | {100 * r.accuracy:.1f} % | {delta} | {flips} |")
+        per_task = sorted((r for r in cell if r.task != "mean" and r.label == "full"), key=lambda r: r.task)
+        out += ["", "Full attention per task (tasks below 30 % are reported, not averaged): " +
+                ", ".join(f"{r.task} {100 * r.accuracy:.0f} % (n = {r.n}){' (excluded)' if r.excluded else ''}"
+                          for r in per_task), ""]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("rows", nargs="+", type=Path)
+    ap.add_argument("--summary", type=Path)
+    ap.add_argument("--plot", type=Path)
+    args = ap.parse_args(argv)
+    records: list[SummaryRecord] = []
+    for path in args.rows:
+        records += summarize(load_rows(path), path.name.split("_")[0])
+    print(markdown(records))
+    if args.summary:
+        write_summary(records, args.summary)
+        print(f"wrote {args.summary}", file=sys.stderr)
+    if args.plot:
+        plot(records, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    print("\n".join(table(Path(p)) for p in sys.argv[1:] if not p.endswith(".samples.json")))
+    sys.exit(main())

@@ -51,7 +51,8 @@ def _engine_child(job: dict) -> None:
         args.update(attention_backend="razor", additional_config={"razor": razor})
     llm = LLM(**args)
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=32)
+        # each task's own answer length (a UUID-keyed needle takes ~30 tokens to repeat before its value)
+        params = [SamplingParams(temperature=0.0, max_tokens=s.max_new_tokens) for s in samples]
         msgs = [[{"role": "user", "content": s.context + "\n\n" + s.question}] for s in samples]
         outs = llm.chat(msgs, params, use_tqdm=False)
         for i, (s, o) in enumerate(zip(samples, outs)):

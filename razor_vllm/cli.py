@@ -68,22 +68,24 @@ def _csv(kind):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from razor_vllm.eval.run import RazorSetting, format_table, plot, run_eval, write_json
-    from razor_vllm.heads import load_head_config
+    from razor_vllm.eval.run import format_table, plot, run_eval, settings_grid, summarize, write_summary
     from razor_vllm.fetch import resolve_model
+    from razor_vllm.heads import load_head_config
 
     model_dir = resolve_model(args.model)
     head_cfg = load_head_config(args.heads)
-    settings = [RazorSetting(window=w, compensation=c, induction_ratio=ir, echo_ratio=args.echo_ratio)
-                for w in args.window for c in args.compensation for ir in args.induction_ratio]
-    records, rows = run_eval(model_dir, head_cfg, tasks=args.tasks, lengths=args.lengths, methods=args.methods,
-                             settings=settings, sinks=args.sinks, depths=args.depths, protocol=args.protocol,
-                             seed=args.seed, progress=not args.quiet, dtype=args.dtype,
-                             checkpoint=args.json)
+    settings = settings_grid(args.sinks, args.window, args.compensation, args.induction_ratio, args.echo_ratio,
+                             args.one_at_a_time)
+    print(f"{len(settings)} razor settings x methods {','.join(args.methods)} x protocols "
+          f"{','.join(args.protocols)}; {args.n} prompts per (task, length); rows -> {args.out}", flush=True)
+    rows = run_eval(model_dir, head_cfg, tasks=args.tasks, lengths=args.lengths, methods=args.methods,
+                    settings=settings, n=args.n, out=args.out, protocols=args.protocols, seed=args.seed,
+                    dtype=args.dtype, controls=args.controls)
+    records = summarize(rows, Path(model_dir).name)
     print(format_table(records))
-    if args.json:
-        write_json(records, rows, args.json)
-        print(f"wrote {args.json} (+ per-sample {args.json.with_suffix('.samples.json')})")
+    if args.summary:
+        write_summary(records, args.summary)
+        print(f"wrote {args.summary}")
     if args.plot:
         plot(records, args.plot)
         print(f"wrote {args.plot}")
@@ -123,6 +125,7 @@ def _cmd_fix_vllm_cli(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from razor_vllm.heads import ProfileSettings
+    from razor_vllm.config import SERVING_DEFAULTS
 
     p = argparse.ArgumentParser(prog="razor-vllm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, help="head config JSON to write")
     pr.add_argument("--plot", type=Path, help="heatmap PNG to write")
     pr.add_argument("--compare", type=Path, help="check the result reproduces this head config")
-    d = ProfileSettings.model_fields  # the profile defaults' one home
+    d = ProfileSettings.model_fields  # the profile defaults' one home (serving defaults: RazorConfig)
     pr.add_argument("--induction-ratio", type=float, default=d["induction_ratio"].default)
     pr.add_argument("--echo-ratio", type=float, default=d["echo_ratio"].default)
     pr.add_argument("--num-random-tokens", type=int, default=d["num_random_tokens"].default)
@@ -160,26 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--out", type=Path, required=True)
     se.set_defaults(func=_cmd_select)
 
-    ev = sub.add_parser("eval", help="long-context accuracy: razor vs full, streaming and random heads")
+    ev = sub.add_parser("eval", help="paired long-context accuracy, both protocols: razor vs full, streaming "
+                                     "and random heads (resumable)")
     ev.add_argument("model", help="Hugging Face model directory or a fetchable model name")
     ev.add_argument("--heads", required=True, help="head config (path or shipped name)")
     ev.add_argument("--tasks", type=_csv(str), default=["passkey", "niah_single", "niah_multikey",
                                                          "niah_multivalue", "vt", "cwe"])
-    ev.add_argument("--lengths", type=_csv(int), default=[1024, 2048, 4096, 8192])
+    ev.add_argument("--lengths", type=_csv(int), default=[4096])
+    ev.add_argument("--n", type=int, default=10, help="prompts per (task, length), needle depths spread evenly")
     ev.add_argument("--methods", type=_csv(str), default=["full", "razor", "streaming", "random"])
-    ev.add_argument("--window", type=_csv(int), default=[256], help="comma list: a sweep")
-    ev.add_argument("--compensation", type=_csv(str), default=["single"], help="comma list of none,single,count")
-    ev.add_argument("--induction-ratio", type=_csv(float), default=[d["induction_ratio"].default], help="comma list: a sweep")
-    ev.add_argument("--echo-ratio", type=float, default=0.01)
-    ev.add_argument("--sinks", type=int, default=4)
-    ev.add_argument("--depths", type=int, default=4, help="needle depths per task and length")
-    ev.add_argument("--protocol", default="question-compressed", choices=["question-compressed", "exact-prefill"])
+    ev.add_argument("--protocols", type=_csv(str), default=["exact-prefill", "question-compressed"])
+    ev.add_argument("--sinks", type=_csv(int), default=[SERVING_DEFAULTS["sinks"]],
+                    help="comma list: a sweep (the first value is the base of --one-at-a-time)")
+    ev.add_argument("--window", type=_csv(int), default=[SERVING_DEFAULTS["window"]])
+    ev.add_argument("--compensation", type=_csv(str), default=[SERVING_DEFAULTS["compensation"]],
+                    help="comma list of none,single,count")
+    ev.add_argument("--induction-ratio", type=_csv(float), default=[d["induction_ratio"].default])
+    ev.add_argument("--echo-ratio", type=float, default=d["echo_ratio"].default)
+    ev.add_argument("--one-at-a-time", action="store_true",
+                    help="sweep one list at a time around the first values (a staged sweep's coarse stage) "
+                         "instead of the full product")
+    ev.add_argument("--controls", choices=["all", "first"], default="all",
+                    help="streaming/random controls for every setting, or only the first")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="model dtype (float32 avoids emulated bf16 on CPUs without AVX512-BF16)")
-    ev.add_argument("--json", type=Path)
-    ev.add_argument("--plot", type=Path)
-    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--out", type=Path, required=True,
+                    help="per-prompt rows (JSONL); re-running with the same file resumes")
+    ev.add_argument("--summary", type=Path, help="summary records (accuracy_summary.json schema)")
+    ev.add_argument("--plot", type=Path, help="accuracy vs KV kept, per protocol and length (PNG)")
     ev.set_defaults(func=_cmd_eval)
 
     from razor_vllm.serve.demo import add_parser as add_demo_parser  # `razor-vllm demo` (razor_vllm/serve/demo.py)

@@ -51,6 +51,11 @@ class RazorConfig:
     memory saved (the reference mode; CPU and CUDA)."""
 
 
+SERVING_DEFAULTS: dict[str, Any] = {name: f.default for name, f in RazorConfig.__pydantic_fields__.items()
+                                    if name != "head_config"}
+"""RazorConfig's defaults by field name, for tools that sweep around them (`razor-vllm eval`)."""
+
+
 class RazorConfigError(ValueError):
     """An unusable `razor` section of --additional-config."""
 

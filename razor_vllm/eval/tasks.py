@@ -12,16 +12,15 @@ Attention: Random-Access Infinite Context Length for Transformers", arXiv 2305.1
                       "VAR FGHIJ = VAR ABCDE." hops; every variable name in the chain is asked for.
 * ``cwe``             common words extraction: a numbered word list in which a few words repeat
                       much more often than the others; the most frequent words are asked for.
+* ``fwe``             frequent words extraction: coded words with Zipf frequencies; the top 3 are asked.
 
 Everything is generated locally and deterministically from (task, length, depth, seed): the filler,
 the word lists and the random values come from this module and a ``random.Random`` seeded through
 SHA-256 (never Python's per-process randomised ``hash()``).
 
-A sample is a ``context`` (instruction preamble + haystack with needles) and a ``question``. The
-evaluation prefills the context (``build_prompt_ids`` returns the two token runs separately), lets the
-compressed KV cache evict/compress it, and then feeds the question, so the question must not be part
-of what gets compressed. There is no answer prefix ("The pass key is"): the model answers freely and
-``score`` looks for the answers anywhere in its output.
+A sample is a ``context`` (instruction preamble + haystack with needles) and a ``question``
+(``build_prompt_ids`` returns the two token runs separately). There is no answer prefix: the model
+answers freely and ``score`` looks for the answers anywhere in its output.
 
 Lengths are in tokens of the *full* prompt (chat template included, as ``build_prompt_ids`` builds
 it): ``make_sample`` sizes the haystack so the prompt has at most ``length`` tokens and (for
@@ -29,7 +28,7 @@ realistic lengths) at least ~97% of it. Depth is the fraction of the context's t
 the needle that holds ``answers[0]``: the only needle (passkey, niah_single), the queried one
 (niah_multikey; distractors go elsewhere), the first value (niah_multivalue; the others are spread
 evenly around the context) or the chain's first assignment (vt; the hops follow, evenly spaced, up to
-the end). ``cwe`` has no needle and ignores depth.
+the end). ``cwe`` and ``fwe`` have no needle and ignore depth.
 """
 
 from __future__ import annotations
@@ -39,9 +38,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from razor_vllm.eval.words import _ADJECTIVES, _NOUNS, _distinct_ints, _noise, _uuid, stable_seed
+from razor_vllm.eval.words import (_ADJECTIVES, _NOUNS, _coded_words, _distinct_ints, _noise, _uuid, _zipf_bag,
+                                   stable_seed)
 
-TASKS: tuple[str, ...] = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
+TASKS: tuple[str, ...] = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe")
 
 LENGTH_TOLERANCE = 0.03
 """``make_sample`` guarantees ``length * (1 - LENGTH_TOLERANCE) <= prompt tokens <= length`` whenever
@@ -249,6 +249,23 @@ def _cwe(rng: random.Random, depth: float) -> _Spec:
     )
 
 
+FWE_VOCAB, FWE_ALPHA = 40, 2.0
+"""``fwe`` (RULER's frequent-words extraction): coded words with Zipf frequencies (rank^-alpha); the
+answer is the 3 most frequent (ranks 1-3 hold 61 %, 15 % and 7 % of the text, rank 4 4 %)."""
+
+
+def _fwe(rng: random.Random, depth: float) -> _Spec:
+    vocab = _coded_words(rng, FWE_VOCAB)
+    arrangement_seed = rng.getrandbits(64)
+    return _Spec(
+        preamble="Read the following coded text and track the frequency of each coded word. Find the three "
+        "most frequently appeared coded words.",
+        question="Question: What are the three most frequently appeared words in the above coded text? "
+        "Answer with the words only, separated by commas.",
+        answers=tuple(vocab[:3]), max_new_tokens=32, needles=(),
+        filler=lambda n: _zipf_bag(vocab, FWE_ALPHA, n, stable_seed(arrangement_seed, n)))
+
+
 _BUILDERS: dict[str, Callable[[random.Random, float], _Spec]] = {
     "passkey": _passkey,
     "niah_single": _niah_single,
@@ -256,6 +273,7 @@ _BUILDERS: dict[str, Callable[[random.Random, float], _Spec]] = {
     "niah_multivalue": _niah_multivalue,
     "vt": _vt,
     "cwe": _cwe,
+    "fwe": _fwe,
 }
 assert tuple(_BUILDERS) == TASKS
 

@@ -72,3 +72,25 @@ def _distinct_ints(rng: random.Random, k: int, lo: int, hi: int) -> list[int]:
 def _uuid(rng: random.Random) -> str:
     """A random-looking (version 4) UUID string drawn from ``rng`` (``uuid.uuid4`` is not seedable)."""
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _coded_words(rng: random.Random, k: int) -> list[str]:
+    """k distinct random lowercase "coded words" of 3-6 letters (RULER's fwe vocabulary)."""
+    out: list[str] = []
+    while len(out) < k:
+        w = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 6)))
+        if w not in out:
+            out.append(w)
+    return out
+
+
+def _zipf_bag(vocab: list[str], alpha: float, n: int, seed: int) -> list[str]:
+    """Exactly n words, word r (0-based) about n * (r + 1)^-alpha / H times (largest remainder), shuffled."""
+    weights = [(r + 1) ** -alpha for r in range(len(vocab))]
+    raw = [n * w / sum(weights) for w in weights]
+    counts = [int(x) for x in raw]
+    for i in sorted(range(len(vocab)), key=lambda i: counts[i] - raw[i])[:n - sum(counts)]:
+        counts[i] += 1
+    bag = [w for w, c in zip(vocab, counts) for _ in range(c)]
+    random.Random(seed).shuffle(bag)
+    return bag

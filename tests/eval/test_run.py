@@ -1,43 +1,142 @@
-"""The evaluation harness on the real model: razor keeps a needle that StreamingLLM at the same KV
-budget loses (the method's claim, on one 4k passkey prompt from the shipped sweep)."""
+"""The paired evaluation harness (razor_vllm.eval.run): method budgets, the staged grid, the paired
+statistics of the summary, resume, and (on the real model) razor keeping a needle that StreamingLLM
+at the same KV budget loses."""
 
-from pathlib import Path
+import json
+from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
-from razor_vllm.paths import default_model_dir
-from razor_vllm.eval.run import RazorSetting, aggregate, build_policies
+from razor_vllm.eval.run import (MIN_FULL_ACCURACY, RazorSetting, build_methods, paired_bootstrap, pareto,
+                                 sequence_depth, settings_grid, summarize)
 from razor_vllm.heads import load_head_config
+from razor_vllm.paths import default_model_dir
 
 SMOL = default_model_dir()
+needs_smol = pytest.mark.skipif(not (SMOL / "config.json").exists(),
+                                reason="run `razor-vllm fetch-model smollm2-135m-instruct`")
 
 
-def test_build_policies_budget_matches():
-    """Streaming gets the same KV as razor; random protects the same number of heads."""
+def test_build_methods_budget_matches():
+    """Streaming gets the same KV as razor with the same sinks; random protects the same number of heads."""
     cfg = load_head_config("smollm2-135m-instruct")
-    pols = build_policies(cfg, ["full", "razor", "random", "streaming"], [RazorSetting(256, "single", 0.14, 0.01)],
-                          sinks=4, seq_len=4096)
-    by = {name: p for name, _, p in pols}
+    ms = build_methods(cfg, ["full", "razor", "random", "streaming"], [RazorSetting(256, "single", 0.14, 0.01, 16)],
+                       seq_len=4096)
+    by = {m.name: m.policy for m in ms}
     assert by["full"] is None
     assert abs(by["streaming"].kv_fraction(4096) - by["razor"].kv_fraction(4096)) < 1e-3
+    assert by["streaming"].sinks == by["random"].sinks == by["razor"].sinks == 16
     assert sum(map(len, by["random"].retrieval_heads)) == sum(map(len, by["razor"].retrieval_heads)) == 14
     assert by["random"].retrieval_heads != by["razor"].retrieval_heads
     assert by["streaming"].retrieval_heads == tuple(() for _ in range(30))
 
 
-def test_aggregate_records_have_the_documented_fields():
-    rows = [{"task": "passkey", "length": 1024, "method": "razor", "correct": c, "kv_fraction": 0.2,
-             "retrieval_fraction": 0.15, "window": 64, "seconds": 1.0,
-             "setting": {"window": 64, "compensation": "single", "induction_ratio": 0.14, "echo_ratio": 0.01}}
-            for c in (True, False, True, True)]
-    (rec,) = aggregate(rows, 4, "exact-prefill", "float32")
-    assert (rec.task, rec.length, rec.method, rec.accuracy, rec.kv_fraction, rec.n) == ("passkey", 1024, "razor", 0.75, 0.2, 4)
-    assert "exact prefill" in rec.protocol
+def test_build_methods_dedupes_shared_controls_and_honours_controls_first():
+    cfg = load_head_config("smollm2-135m-instruct")
+    settings = [RazorSetting(256, c, 0.14, 0.01, 64) for c in ("single", "count")]
+    ms = build_methods(cfg, ["full", "razor", "streaming"], settings, seq_len=4096)
+    assert [m.name for m in ms].count("streaming") == 1  # both weightings keep the same KV
+    assert len({m.label for m in ms}) == len(ms) == 4
+    first = build_methods(cfg, ["razor", "random"], [RazorSetting(sinks=4), RazorSetting(window=512)], 4096,
+                          controls="first")
+    assert [m.name for m in first] == ["razor", "random", "razor"]
+
+
+def test_settings_grid_one_at_a_time_changes_one_field_from_the_base():
+    grid = settings_grid([64, 4, 16], [256, 128], ["single", "none"], [0.14, 0.3], 0.01, one_at_a_time=True)
+    base = grid[0]
+    assert base == RazorSetting(256, "single", 0.14, 0.01, 64)
+    assert len(grid) == 1 + 2 + 1 + 1 + 1
+    for s in grid[1:]:
+        assert sum(a != b for a, b in zip(asdict(s).values(), asdict(base).values())) == 1
+    assert len(settings_grid([64, 4], [256, 128], ["single"], [0.14], 0.01, one_at_a_time=False)) == 4
+
+
+def test_sequence_depths_do_not_depend_on_n_and_spread():
+    ds = [sequence_depth(i) for i in range(20)]
+    assert ds[:5] == [sequence_depth(i) for i in range(5)]
+    assert all(0 <= d < 1 for d in ds)
+    # any prefix covers the context: every fifth of [0, 1) gets some of the first 10
+    assert {int(d * 5) for d in ds[:10]} == set(range(5))
+
+
+def _row(sample, task, label, correct, protocol="exact-prefill", kv=0.2):
+    method = label.split()[0]
+    return {"sample": sample, "task": task, "length": 4096, "protocol": protocol, "label": label, "method": method,
+            "correct": correct, "kv_fraction": 1.0 if method == "full" else kv, "sinks": 64, "window": 256,
+            "compensation": "single", "retrieval_fraction": 0.15,
+            "setting": None if method == "full" else {"induction_ratio": 0.14}}
+
+
+def test_summary_is_paired_and_keeps_weak_tasks_out_of_the_mean():
+    rng = np.random.default_rng(0)
+    full_a, razor_a = rng.random(40) < 0.9, rng.random(40) < 0.7
+    rows = []
+    for i in range(40):
+        rows += [_row(f"a/{i}", "a", "full", bool(full_a[i])), _row(f"a/{i}", "a", "razor x", bool(razor_a[i]))]
+        # task b: the full model fails it (below MIN_FULL_ACCURACY): reported, kept out of the mean
+        rows += [_row(f"b/{i}", "b", "full", i < 4), _row(f"b/{i}", "b", "razor x", i < 40)]
+    recs = {(r.task, r.label): r for r in summarize(rows, "m")}
+    a = recs[("a", "razor x")]
+    assert a.n == 40 and a.accuracy == pytest.approx(razor_a.mean())
+    assert a.delta_vs_full == pytest.approx(razor_a.mean() - full_a.mean())
+    assert a.delta_ci95[0] < a.delta_vs_full < a.delta_ci95[1]
+    assert a.flip_share == pytest.approx(np.mean(full_a != razor_a))
+    assert recs[("b", "full")].accuracy < MIN_FULL_ACCURACY and recs[("b", "razor x")].excluded
+    mean = recs[("mean", "razor x")]
+    assert mean.tasks == ["a"] and mean.n == 40 and mean.accuracy == a.accuracy
+    assert recs[("mean", "full")].delta_vs_full is None
+
+
+def test_paired_bootstrap_interval_matches_the_normal_approximation():
+    rng = np.random.default_rng(1)
+    a, b = rng.random(400) < 0.8, rng.random(400) < 0.6
+    d, lo, hi = paired_bootstrap(list(a), list(b))
+    diff = a.astype(float) - b.astype(float)
+    se = diff.std(ddof=1) / np.sqrt(len(diff))
+    assert d == pytest.approx(diff.mean())
+    assert lo == pytest.approx(d - 1.96 * se, abs=0.01) and hi == pytest.approx(d + 1.96 * se, abs=0.01)
+    assert paired_bootstrap([True] * 5, [True] * 5) == (0.0, 0.0, 0.0)
+
+
+def test_pareto_front():
+    rows = [_row("a/0", "a", f"razor {k}", c, kv=kv) for k, c, kv in
+            (("p", True, 0.2), ("q", False, 0.1), ("r", False, 0.3), ("s", True, 0.4))]
+    front = pareto([r for r in summarize(rows, "m") if r.task == "a"])
+    assert [r.label for r in front] == ["razor q", "razor p"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SMOL / "config.json").exists(), reason="run `razor-vllm fetch-model smollm2-135m-instruct`")
+@needs_smol
+def test_run_eval_resumes_and_grows_n(tmp_path, capsys):
+    """A cut run resumes without repeating or losing a prompt; a larger n only adds prompts."""
+    from razor_vllm.eval.run import run_eval
+
+    cfg = load_head_config("smollm2-135m-instruct")
+    out = tmp_path / "rows.jsonl"
+    kw = dict(tasks=["passkey"], lengths=[600], methods=["full", "razor"], settings=[RazorSetting(window=64, sinks=4)],
+              out=out)
+    rows = run_eval(SMOL, cfg, n=2, **kw)
+    assert len(rows) == 2 * 2 * 2  # prompts x protocols x methods
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # interrupted mid-prompt, mid-line
+    again = run_eval(SMOL, cfg, n=2, **kw)
+    def keys(rs):
+        return sorted((r["sample"], r["protocol"], r["label"]) for r in rs)
+
+    assert keys(again) == keys(rows) and len(out.read_text().splitlines()) == 8
+    # the redone runs give the same answers (greedy, same prompt, same model)
+    assert {k: r["output"] for k, r in zip(keys(again), sorted(again, key=lambda r: (r["sample"], r["protocol"], r["label"])))} \
+        == {k: r["output"] for k, r in zip(keys(rows), sorted(rows, key=lambda r: (r["sample"], r["protocol"], r["label"])))}
+    grown = run_eval(SMOL, cfg, n=3, **kw)
+    assert len(grown) == 12 and [r for r in grown[:8]] == [json.loads(l) for l in out.read_text().splitlines()[:8]]
+    assert "ETA" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_smol
 def test_razor_finds_a_passkey_far_outside_its_window_and_streaming_does_not():
     from transformers import AutoTokenizer
 
@@ -52,8 +151,8 @@ def test_razor_finds_a_passkey_far_outside_its_window_and_streaming_does_not():
     ids = ctx + question
     model = load_model(SMOL, "float32")
     cfg = load_head_config("smollm2-135m-instruct", model.config)
-    pols = {name: p for name, _, p in build_policies(cfg, ["full", "razor", "streaming"],
-                                                     [RazorSetting(256, "single", 0.14, 0.01)], 4, len(ids))}
+    pols = {m.name: m.policy for m in build_methods(cfg, ["full", "razor", "streaming"],
+                                                    [RazorSetting(256, "single", 0.14, 0.01, 4)], len(ids))}
     cache, logits = prefill(model, ids)
     out = {}
     for name, policy in pols.items():

@@ -17,7 +17,7 @@ from razor_vllm.eval.tasks import (TASKS, Sample, build_prompt_ids, is_correct, 
                               score, stable_seed, suite_depths)
 
 MODEL_DIR = cache_root() / "models" / "smollm2-135m-instruct"
-NEEDLE_TASKS = tuple(t for t in TASKS if t != "cwe")
+NEEDLE_TASKS = tuple(t for t in TASKS if t not in ("cwe", "fwe"))
 # Text each task's needle (the one at `depth`, which holds answers[0]) starts with.
 NEEDLE_PREFIX = {
     "passkey": "The pass key is",
@@ -175,6 +175,15 @@ def test_cwe_answers_are_most_frequent(tok, length):
     least_common_answer = min(counts[a] for a in s.answers)
     most_other = max(c for w, c in counts.items() if w not in s.answers)
     assert least_common_answer >= 3 * most_other
+
+
+@pytest.mark.parametrize("length", [1000, 8000])
+def test_fwe_answers_are_the_three_most_frequent_in_rank_order(tok, length):
+    s = make_sample("fwe", length, 0.5, 0, tok)
+    counts = Counter(s.context.split("\n", 1)[1].split() if "\n" in s.context else
+                     s.context.split("coded words.", 1)[1].split()).most_common()
+    assert tuple(w for w, _ in counts[:3]) == s.answers
+    assert counts[2][1] >= 1.5 * counts[3][1], counts[:5]  # rank 3 vs 4 is separable
 
 
 # --------------------------------------------------------------------------------------------------
