@@ -7,7 +7,7 @@ MODEL ?= smollm2-135m-instruct
 export VLLM_TARGET_DEVICE ?= cpu
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup demo profile reproduce loadtest test test-heavy test-all models profile-shipped clean
+.PHONY: setup demo profile reproduce loadtest test test-heavy test-all models check-cuda profile-shipped clean
 
 setup:
 	@bash scripts/setup.sh
@@ -45,6 +45,12 @@ test-heavy: setup models
 
 test-all: setup models
 	$(BIN)/python -m pytest -q -ra --durations=25 tests
+
+# razor against the production CUDA wheel (vllm==0.33.0, installed --no-deps in a side venv cached under
+# ~/.cache/razor-vllm; 336 MB once): its planner, config checks and interfaces on CPU tensors, and the
+# KV capacity on production shapes (out/capacity_shapes_vllm0.33.0.json). No CUDA kernel runs here.
+check-cuda: setup models
+	bash scripts/check_cuda.sh
 
 # Gemma 3 (a second architecture, with sliding-window layers) is fetched too, so that the tests of
 # the worker-side refusal and the three-process shutdown run instead of skipping (~240 MB, cached).

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# `make check-cuda`: razor against the production CUDA vLLM wheel (vllm==0.33.0), on this CPU machine.
+# The wheel is installed with --no-deps into a side venv cached under ~/.cache/razor-vllm (336 MB,
+# downloaded once); every other dependency (torch CPU, transformers, ...) and razor itself come from
+# the project's .venv through a .pth, rewritten on every run so the side venv follows this checkout.
+# What runs here is what the CUDA wheel's code does on CPU tensors: its planner, its config checks,
+# its interfaces. Nothing here compiles or runs a CUDA kernel (see README, "What was verified where").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VLLM_CUDA_VERSION=${VLLM_CUDA_VERSION:-0.33.0}
+CACHE=${RAZOR_CACHE:-$HOME/.cache/razor-vllm}
+SIDE=$CACHE/venv-vllm-$VLLM_CUDA_VERSION
+PY=.venv/bin/python
+[ -x "$PY" ] || bash scripts/setup.sh
+if [ ! -x "$SIDE/bin/python" ] || ! "$SIDE/bin/python" -c "import importlib.metadata as m; assert m.version('vllm') == '$VLLM_CUDA_VERSION'" 2>/dev/null; then
+  mkdir -p "$CACHE/wheels"
+  ls "$CACHE/wheels"/vllm-"$VLLM_CUDA_VERSION"-*.whl >/dev/null 2>&1 || \
+    "$PY" -m pip download -q --no-deps "vllm==$VLLM_CUDA_VERSION" -d "$CACHE/wheels"
+  rm -rf "$SIDE"
+  "$(readlink -f "$PY")" -m venv --without-pip "$SIDE"
+  "$PY" -m pip install -q --no-deps --no-compile --target "$SIDE/lib/python3.11/site-packages" \
+    "$CACHE/wheels"/vllm-"$VLLM_CUDA_VERSION"-*.whl
+fi
+SITE=$(cd .venv/lib/python3.11/site-packages && pwd)
+echo "import site; site.addsitedir('$SITE')" > "$SIDE/lib/python3.11/site-packages/razor_project_venv.pth"
+export VLLM_TARGET_DEVICE=cuda TRITON_INTERPRET=1 RAZOR_EXPECT_VLLM="$VLLM_CUDA_VERSION"
+"$SIDE/bin/python" -m pytest -q -ra -p no:cacheprovider tests/cuda "$@"
+"$SIDE/bin/python" -m benchmarks.capacity_shapes --out out/capacity_shapes_vllm$VLLM_CUDA_VERSION.json
