@@ -58,6 +58,10 @@ class _Rows:
         self.comp_on = torch.tensor(comp_on) & self.local_q.any(dim=1)
         self.count = torch.tensor(count)
 
+    def select(self, idx: torch.Tensor) -> None:
+        for name in ("local_q", "local_kv", "sinks", "window", "comp_on", "count"):
+            setattr(self, name, getattr(self, name)[idx])
+
 
 class BatchedDecoder:
     """Decode ``policies`` (None = full attention) of one prompt as one batch over a shared context.
@@ -88,6 +92,15 @@ class BatchedDecoder:
         self.rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
         self.scale = attn0.scaling
         self.head_dim = attn0.head_dim
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (finished ones): later steps compute only these."""
+        idx = torch.tensor(rows)
+        for r in self.rows:
+            r.select(idx)
+        self.tail_k = [t[idx] for t in self.tail_k]
+        self.tail_v = [t[idx] for t in self.tail_v]
+        self.b = len(rows)
 
     @staticmethod
     def _prefix(x: torch.Tensor) -> torch.Tensor:
@@ -177,8 +190,8 @@ def decode_rows(model, ctx_keys, ctx_values, policies: Sequence[RazorPolicy | No
                 stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Greedy continuations, one per policy: `feed` (e.g. the question) as one chunk through every
     row's compressed view of the shared context, or, with empty `feed`, from `first_logits` (the
-    exact prefill's). A row stops at EOS, at `max_new_tokens` or when `stop(tokens)` holds; the batch
-    runs until every row has stopped."""
+    exact prefill's). A row stops at EOS, at `max_new_tokens` or when `stop(tokens)` holds, and leaves
+    the batch."""
     dec = BatchedDecoder(model, ctx_keys, ctx_values, policies)
     b = len(policies)
     if len(feed):
@@ -188,16 +201,19 @@ def decode_rows(model, ctx_keys, ctx_values, policies: Sequence[RazorPolicy | No
     else:
         raise ValueError("decode_rows needs feed or first_logits")
     out: list[list[int]] = [[] for _ in range(b)]
-    done = [False] * b
+    active = list(range(b))  # original row of each batch row still decoding
     for _ in range(max_new_tokens):
         toks = torch.argmax(logits, dim=-1).tolist()
-        for r, tok in enumerate(toks):
-            if done[r]:
-                continue
+        still = []
+        for i, (r, tok) in enumerate(zip(active, toks)):
             out[r].append(tok)
-            if tok in eos_token_ids or len(out[r]) == max_new_tokens or (stop and stop(out[r])):
-                done[r] = True
-        if all(done):
+            if not (tok in eos_token_ids or len(out[r]) == max_new_tokens or (stop and stop(out[r]))):
+                still.append(i)
+        if not still:
             break
+        if len(still) < len(active):  # finished rows leave the batch
+            dec.keep(still)
+            logits, toks = logits[still], [toks[i] for i in still]
+            active = [active[i] for i in still]
         logits = dec.step(torch.tensor(toks)[:, None])
     return out

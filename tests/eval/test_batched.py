@@ -63,6 +63,25 @@ def test_batched_equals_one_by_one_in_both_protocols(setup):
     assert len({tuple(t) for t in qc}) > 2 and len({tuple(t) for t in ep}) > 2
 
 
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(setup):
+    """Rows stop at different steps (the stop rule depends on each row's own tokens): the rows left
+    in the batch still match the one-by-one path token for token."""
+    from razor_vllm.eval import batched
+    from razor_vllm.eval.hf_razor import continue_greedy, prefill
+
+    model, tok, ctx, question, methods = setup
+    cache, _ = prefill(model, ctx)
+
+    def stop(toks):
+        return len(toks) >= 2 + toks[0] % 7
+
+    got = batched.decode_rows(model, [l.keys for l in cache.layers], [l.values for l in cache.layers],
+                              [m.policy for m in methods], question, 12, [tok.eos_token_id], stop=stop)
+    want = [continue_greedy(model, cache, question, 12, m.policy, [tok.eos_token_id], stop=stop) for m in methods]
+    assert got == want
+    assert len({len(t) for t in got}) > 1, "every row stopped at the same step: nothing left the batch"
+
+
 def test_logits_match_the_oracle_path_closely(setup):
     """Every step's logits per row, teacher-forced with the same tokens: within fp32 noise of the
     RazorSession path (2e-3 of their spread), also once the tiny window evicts the question's and
