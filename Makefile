@@ -7,7 +7,7 @@ MODEL ?= smollm2-135m-instruct
 export VLLM_TARGET_DEVICE ?= cpu
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup demo profile reproduce loadtest test test-heavy test-all models check-cuda profile-shipped clean
+.PHONY: setup demo profile reproduce loadtest test test-heavy test-all models models-all check-cuda profile-shipped clean
 
 setup:
 	@bash scripts/setup.sh
@@ -40,10 +40,10 @@ loadtest: setup
 test: setup models
 	$(BIN)/python -m pytest -q -ra --durations=25 -m "not heavy" tests
 
-test-heavy: setup models
+test-heavy: setup models-all
 	$(BIN)/python -m pytest -q -ra --durations=0 -m heavy tests
 
-test-all: setup models
+test-all: setup models-all
 	$(BIN)/python -m pytest -q -ra --durations=25 tests
 
 # razor against the production CUDA wheel (vllm==0.33.0, installed --no-deps in a side venv cached under
@@ -57,6 +57,10 @@ check-cuda: setup models
 models:
 	$(BIN)/razor-vllm fetch-model $(MODEL)
 	$(BIN)/razor-vllm fetch-model gemma3-270m
+
+# + Qwen2.5-Coder-0.5B-Instruct (491 MB, ~2 min to convert): the heavy tier's second-model tests
+models-all: models
+	$(BIN)/razor-vllm fetch-model qwen2.5-coder-0.5b-instruct
 
 # Re-create the shipped head config (commit the result together with the change that required it).
 profile-shipped: setup

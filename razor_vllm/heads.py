@@ -176,7 +176,9 @@ def load_head_config(path: str | Path, model_cfg: Any | None = None) -> HeadConf
     `path` may also name a config shipped in `configs/` (e.g. "smollm2-135m-instruct").
     """
     p = Path(path).expanduser()
-    if not p.exists() and not p.suffix:
+    # a bare name (no directory, not a .json path) may be a shipped config; names can hold dots
+    # ("qwen2.5-coder-0.5b-instruct"), so Path.suffix cannot tell
+    if not p.exists() and p.suffix != ".json" and p.name == str(path):
         from razor_vllm.paths import repo_configs_dir
 
         shipped = repo_configs_dir() / f"{path}.json"

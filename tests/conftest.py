@@ -37,6 +37,9 @@ HEAVY = {
     "tests/serve/test_console_script.py::test_stock_vllm_serve_through_the_console_script",
     # the demo's success path stays in CI; the exit code on a wrong answer starts a second server
     "tests/serve/test_demo.py::test_demo_exits_1_on_a_wrong_answer",
+    # the second model (issue #18) needs `make models-all` (491 MB); SmolLM2 and Gemma cover the
+    # conversion in CI
+    "tests/test_fetch.py::test_converted_qwen_loads_and_answers_in_chat_form",
 }
 
 
