@@ -7,7 +7,7 @@ MODEL ?= smollm2-135m-instruct
 export VLLM_TARGET_DEVICE ?= cpu
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup demo profile reproduce loadtest test test-heavy test-all models models-all check-cuda profile-shipped clean
+.PHONY: setup demo profile reproduce loadtest test test-heavy test-all models models-all check-cuda gpu-wheels profile-shipped clean
 
 setup:
 	@bash scripts/setup.sh
@@ -51,6 +51,15 @@ test-all: setup models-all
 # KV capacity on production shapes (out/capacity_shapes_vllm0.33.0.json). No CUDA kernel runs here.
 check-cuda: setup models
 	bash scripts/check_cuda.sh
+
+# The wheels scripts/gpu_check.sh needs on the GPU machine (no network there; carried as .whl/):
+# pydantic and its parts for CPython 3.11-3.13, and pytest's pure-Python stack (a few MB).
+GPU_PURE := annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 pydantic==2.14.4 \
+	pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4
+gpu-wheels: setup
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d .whl $(GPU_PURE)
+	for v in 3.11 3.12 3.13; do $(BIN)/python -m pip download -q --no-deps --only-binary=:all: \
+		--python-version $$v --platform manylinux2014_x86_64 -d .whl pydantic-core==2.50.5 || exit 1; done
 
 # Gemma 3 (a second architecture, with sliding-window layers) is fetched too, so that the tests of
 # the worker-side refusal and the three-process shutdown run instead of skipping (~240 MB, cached).
