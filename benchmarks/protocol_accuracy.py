@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
+
+from razor_vllm.eval.run import paired_bootstrap  # the one paired statistic of every accuracy table
 
 CONFIGS = {
     "stock": None,
@@ -62,15 +63,6 @@ def _engine_child(job: dict) -> None:
                                           "correct": tasks.is_correct(s, text)}), flush=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
-
-
-def paired_bootstrap(a: list[bool], b: list[bool], reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """(mean(a) - mean(b), 2.5 %, 97.5 %) over prompts resampled with replacement."""
-    n = len(a)
-    diffs = [int(x) - int(y) for x, y in zip(a, b)]
-    rng = random.Random(seed)
-    boots = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
-    return sum(diffs) / n, boots[int(0.025 * reps)], boots[int(0.975 * reps) - 1]
 
 
 def main(argv=None) -> int:
