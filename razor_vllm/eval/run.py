@@ -184,7 +184,7 @@ def load_rows(path: Path) -> list[dict]:
 def run_eval(model_dir: str | Path, head_cfg: HeadConfig, *, tasks: list[str], lengths: list[int],
              methods: list[str], settings: list[RazorSetting], n: int, out: Path,
              protocols: Iterable[str] = tuple(PROTOCOLS), seed: int = 0, dtype: str = "float32",
-             controls: str = "all", log=sys.stderr) -> list[dict]:
+             controls: str = "all", log=None) -> list[dict]:
     """Run the suite, appending rows to `out` (JSONL) prompt by prompt; returns every row in `out`.
 
     Prompts whose rows are all in `out` already are skipped, so an interrupted run resumes where it
@@ -196,6 +196,7 @@ def run_eval(model_dir: str | Path, head_cfg: HeadConfig, *, tasks: list[str], l
     from razor_vllm.eval.hf_razor import continue_greedy, prefill
     from razor_vllm.profile.profiler import load_model
 
+    log = log or sys.stderr  # looked up per call, so a redirected stderr (pytest's capsys) gets it
     protocols = list(protocols)
     bad = set(protocols) - set(PROTOCOLS)
     if bad:

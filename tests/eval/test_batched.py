@@ -25,8 +25,10 @@ def setup(smollm2_dir):
     ctx, question = tasks.build_prompt_ids(sample, tok)
     model = load_model(smollm2_dir, "float32")
     cfg = load_head_config("smollm2-135m-instruct", model.config)
-    grid = settings_grid([64, 4, 0], [256, 8], ["single", "count", "none"], [0.14], 0.01, one_at_a_time=True)
-    methods = build_methods(cfg, ["full", "razor", "streaming", "random"], grid, len(ctx) + len(question))
+    # sinks 0 and a window of 8 reach the edge cases; every weighting; controls at the first setting
+    grid = settings_grid([64, 0], [256, 8], ["single", "count", "none"], [0.14], 0.01, one_at_a_time=True)
+    methods = build_methods(cfg, ["full", "razor", "streaming", "random"], grid, len(ctx) + len(question),
+                            controls="first")
     # every head local with a 4-token window: the question and the answer leave the window mid-way
     methods.append(type(methods[0])("tiny", RazorSetting(), RazorPolicy.build(
         [[]] * 30, 3, sinks=2, window=4, compensation="count")))
@@ -72,8 +74,8 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(setup)
     model, tok, ctx, question, methods = setup
     cache, _ = prefill(model, ctx)
 
-    def stop(toks):
-        return len(toks) >= 2 + toks[0] % 7
+    def stop(toks):  # depends on the row's own tokens, so rows whose outputs differ stop at different steps
+        return len(toks) >= 3 and sum(toks) % 3 == 0
 
     got = batched.decode_rows(model, [l.keys for l in cache.layers], [l.values for l in cache.layers],
                               [m.policy for m in methods], question, 12, [tok.eos_token_id], stop=stop)
@@ -90,7 +92,7 @@ def test_logits_match_the_oracle_path_closely(setup):
     from razor_vllm.eval.hf_razor import RazorSession, prefill
 
     model, tok, ctx, question, methods = setup
-    forced = tok("The special magic number is 1234567, I think.")["input_ids"][:10]
+    forced = tok("The special magic number is 1234567, I think.")["input_ids"][:6]
     cache, _ = prefill(model, ctx)
     dec = batched.BatchedDecoder(model, [l.keys for l in cache.layers], [l.values for l in cache.layers],
                                  [m.policy for m in methods])
