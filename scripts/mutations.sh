@@ -8,8 +8,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 fails=0
+ONLY=${1:-}  # a case name: run only that one
 case_() {  # name file python-replace-old python-replace-new test-id
   local name=$1 file=$2 old=$3 new=$4 test=$5
+  [ -z "$ONLY" ] || [[ ",$ONLY," == *",$name,"* ]] || return 0
   "$PY" - "$file" "$old" "$new" <<'PYEOF' || { echo "MUTATION NOT APPLIED: $name"; fails=1; return; }
 import sys
 path, old, new = sys.argv[1:]
@@ -27,16 +29,17 @@ PYEOF
 mkdir -p out
 case_ no-compression razor_vllm/config.py \
   '        return RazorConfig(**section)' \
-  '        return RazorConfig(**{**section, "window": 10**6})' \
+  '        return RazorConfig(**{**section, "window": 2048})' \
   tests/vllm_backend/test_backend_paged.py::test_paged_equals_uniform_chunked_prefill
 case_ metrics-unavailable tests/vllm_backend/test_backend_paged.py \
   'for m in llm.get_metrics() if' 'for m in llm.get_metrics_gone() if' \
   tests/vllm_backend/test_backend_paged.py::test_paged_preemption
 case_ compiled-differs razor_vllm/vllm/backend.py \
-  '        self.policy: RazorPolicy = state.policy(self._vllm_config)' \
-  '        self.policy: RazorPolicy = state.policy(self._vllm_config)
-        if not self._vllm_config.model_config.enforce_eager:  # MUTATION: compiled mode weights differently
-            import dataclasses; self.policy = dataclasses.replace(self.policy, compensation="count")' \
+  '        return self.strategy.forward(layer, query, key, value, kv_cache, attn_metadata, output)' \
+  '        out = self.strategy.forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        if not self._vllm_config.model_config.enforce_eager:  # MUTATION: compiled mode attends differently
+            out.mul_(0.5)
+        return out' \
   tests/vllm_backend/test_backend_paged.py::test_compiled_mode_equals_eager
 case_ demo-exit-code razor_vllm/serve/demo.py \
   '        return 1
