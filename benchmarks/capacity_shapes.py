@@ -53,11 +53,27 @@ def retrieval_cells(num_layers: int, num_kv: int, ratio: float, seed: int) -> li
     return [sorted(h for (l, h) in pick if l == layer) for layer in range(num_layers)]
 
 
+def planner_config(model_dir: str, max_model_len: int):
+    """A VllmConfig as the engine core has it when it plans the KV cache, built outside an engine."""
+    from vllm.config import DeviceConfig, ModelConfig, VllmConfig
+
+    mc = ModelConfig(model=str(model_dir), skip_tokenizer_init=True, max_model_len=max_model_len, dtype="bfloat16")
+    # the planner is device-agnostic; naming a device keeps the CUDA wheel from probing for one
+    vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"))
+    # the engine core resolves the physical layout at start; FlashAttention's NHD (block outermost
+    # per layer) is what CUDA serving gets. razor's specs share one page size, so the planner's
+    # layout-dependent packing does not apply to them either way
+    vc.cache_config.kv_cache_layout = "LBNHC"
+    # razor's paged layout needs vLLM's hybrid KV cache manager (refused at engine start without it);
+    # a config built outside an engine leaves it off on the CUDA wheel
+    vc.scheduler_config.disable_hybrid_kv_cache_manager = False
+    return vc
+
+
 def measure(name: str, max_model_len: int, ratio: float, sinks: int, window: int, memory: int,
             seed: int = 0) -> dict:
     import torch
     import vllm
-    from vllm.config import DeviceConfig, ModelConfig, VllmConfig
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from razor_vllm.vllm import layout as kvl
@@ -67,16 +83,7 @@ def measure(name: str, max_model_len: int, ratio: float, sinks: int, window: int
     shape = SHAPES[name]
     with tempfile.TemporaryDirectory() as d:
         Path(d, "config.json").write_text(json.dumps(shape))
-        mc = ModelConfig(model=d, skip_tokenizer_init=True, max_model_len=max_model_len, dtype="bfloat16")
-        # the planner is device-agnostic; naming a device keeps the CUDA wheel from probing for one
-        vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"))
-    # the engine core resolves the physical layout at start; FlashAttention's NHD (block outermost
-    # per layer) is what CUDA serving gets. razor's specs share one page size, so the planner's
-    # layout-dependent packing does not apply to them either way
-    vc.cache_config.kv_cache_layout = "LBNHC"
-    # razor's paged layout needs vLLM's hybrid KV cache manager (refused at engine start without it);
-    # a config built outside an engine leaves it off on the CUDA wheel
-    vc.scheduler_config.disable_hybrid_kv_cache_manager = False
+        vc = planner_config(d, max_model_len)
     layers, kv = shape["num_hidden_layers"], shape["num_key_value_heads"]
     head = shape.get("head_dim", shape["hidden_size"] // shape["num_attention_heads"])
     retrieval = retrieval_cells(layers, kv, ratio, seed)

@@ -214,7 +214,7 @@ def run_eval(model_dir: str | Path, head_cfg: HeadConfig, *, tasks: list[str], l
     model = None
     todo = [(_sample_key(s.task, s.length, i), s) for i, s in samples]
     t_start, done_now = time.perf_counter(), 0
-    remaining = sum(1 for k, s in todo if not _complete(have.get(k), protocols, methods))
+    remaining = sum(1 for k, s in todo if not _complete(have.get(k), protocols))
     for k, sample in todo:
         ctx, question = suite.build_prompt_ids(sample, tok)
         seq_len = len(ctx) + len(question)
@@ -242,7 +242,7 @@ def run_eval(model_dir: str | Path, head_cfg: HeadConfig, *, tasks: list[str], l
     return rows
 
 
-def _complete(have: set | None, protocols, methods) -> bool:
+def _complete(have: set | None, protocols) -> bool:
     # only a cheap pre-count for the ETA; the exact check is per prompt (labels depend on seq_len)
     return bool(have) and {p for p, _ in have} >= set(protocols)
 

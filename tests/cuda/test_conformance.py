@@ -98,7 +98,7 @@ def test_backend_validates_for_h100_bf16():
 def test_paged_layout_through_the_wheels_planner():
     """SmolLM2's shipped heads: the wheel's planner forms the groups razor planned and gives the
     capacity razor's own arithmetic predicts (the planner mirror is exact on this version too)."""
-    from vllm.config import DeviceConfig, ModelConfig, VllmConfig
+    from benchmarks.capacity_shapes import planner_config
 
     from razor_vllm.paths import default_model_dir
     from razor_vllm.vllm import layout as kvl
@@ -107,10 +107,7 @@ def test_paged_layout_through_the_wheels_planner():
     model = default_model_dir()
     if not (model / "config.json").exists():
         pytest.skip("run `razor-vllm fetch-model smollm2-135m-instruct`")
-    mc = ModelConfig(model=str(model), skip_tokenizer_init=True, max_model_len=8192, dtype="bfloat16")
-    vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"))
-    vc.cache_config.kv_cache_layout = "LBNHC"
-    vc.scheduler_config.disable_hybrid_kv_cache_manager = False
+    vc = planner_config(str(model), 8192)
     heads = json.loads((REPO / "razor_vllm/configs/smollm2-135m-instruct.json").read_text())["retrieval_heads"]
     layout = kvl.plan_kv_layout(kvl.params_from_vllm(vc, heads, sinks=64, window=256))
     cfg = kv_cache_config(vc, layout.kv_cache_specs(), 2 * GiB)
