@@ -58,6 +58,22 @@ HEAVY = {
     # the second model (issue #18) needs `make models-all` (491 MB); SmolLM2 and Gemma cover the
     # conversion in CI
     "tests/test_fetch.py::test_converted_qwen_loads_and_answers_in_chat_form",
+    # config-time refusals through a real subprocess: all of them run in-process in CI
+    # (tests/vllm_backend/test_engine_checks.py, same command lines, same messages); CI keeps four
+    # here (no razor section, another model's config, prefix caching, the worker-side gemma case)
+    "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[corrupt-head-config]",
+    "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[missing-head-config]",
+    "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[smollm2-config-on-gemma]",
+    "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[invalid-razor-setting]",
+    "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[kv-cache-dtype-fp8]",
+    "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[paged-without-hybrid-manager]",
+    "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[speculative-decoding]",
+    "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[kv-connector]",
+    "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[paged-with-pipeline-parallel]",
+    # the passkey through whole-prompt prefill and the openai client: the README block (CI) answers
+    # a 4k passkey through the client in vLLM's default chunking; the one-chunk paged==uniform test
+    # (CI) covers whole-prompt prefill in the engine
+    "tests/serve/test_vllm_serve.py::test_passkey_at_4k_outside_the_window",
 }
 
 
