@@ -23,6 +23,8 @@ if [ ! -x "$SIDE/bin/python" ] || ! "$SIDE/bin/python" -c "import importlib.meta
 fi
 SITE=$(cd .venv/lib/python3.11/site-packages && pwd)
 echo "import site; site.addsitedir('$SITE')" > "$SIDE/lib/python3.11/site-packages/razor_project_venv.pth"
-export VLLM_TARGET_DEVICE=cuda TRITON_INTERPRET=1 RAZOR_EXPECT_VLLM="$VLLM_CUDA_VERSION"
+# CUDA_VISIBLE_DEVICES="": with no device to count, vLLM keeps its own Triton kernels on (HAS_TRITON), so
+# the retrieval siblings run vLLM's unified_attention as on a GPU (interpreted)
+export VLLM_TARGET_DEVICE=cuda TRITON_INTERPRET=1 RAZOR_EXPECT_VLLM="$VLLM_CUDA_VERSION" CUDA_VISIBLE_DEVICES=""
 "$SIDE/bin/python" -m pytest -q -ra -p no:cacheprovider tests/cuda "$@"
 "$SIDE/bin/python" -m benchmarks.capacity_shapes --out out/capacity_shapes_vllm$VLLM_CUDA_VERSION.json
