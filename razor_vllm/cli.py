@@ -27,7 +27,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     opts = ProfileOptions(num_random_tokens=args.num_random_tokens, repeats=args.repeats, seed=args.seed,
                           id_low=args.id_low, id_high=args.id_high, induction_ratio=args.induction_ratio,
-                          echo_ratio=args.echo_ratio, dtype=args.dtype, progress=not args.quiet)
+                          echo_ratio=args.echo_ratio, dtype=args.dtype, device=args.device,
+                          progress=not args.quiet)
     model_dir = resolve_model(args.model)
     cfg = run_profile(model_dir, args.out, opts, plot=args.plot)
     print(format_head_table(cfg, top=args.top))
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dtype", default=d["dtype"].default, choices=["float32", "bfloat16", "float16"],
                     help="forward-pass dtype (scores are fp32 either way); float32 avoids emulated "
                     "bf16 on CPUs without AVX512-BF16")
+    pr.add_argument("--device", default="cpu",
+                    help="cpu (default), cuda, cuda:N, or auto (the layers spread over every visible GPU, "
+                    "for models larger than one GPU); off CPU the scores come from the chunked pass")
     pr.add_argument("--top", type=int, default=20, help="rows of the printed head table")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_cmd_profile)

@@ -63,6 +63,10 @@ class ProfileOptions:
     fused: bool = True
     """Take the scores from the fused attention pass where the layer is plain causal attention on CPU
     (`flash_head_scores`); False always uses the separate chunked pass (`head_scores`)."""
+    device: str = "cpu"
+    """Where the forward runs: "cpu", a torch device ("cuda", "cuda:1"), or "auto" (the layers spread
+    over every visible GPU by accelerate's device_map, for models larger than one GPU). Off CPU the
+    scores come from the chunked pass (`head_scores`, any device), the output from SDPA."""
     progress: bool = True
 
 
@@ -90,8 +94,9 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float, n: int, *, chunk
     hkv = k.shape[0]
     group = hq // hkv
     kf = k.float()
-    echo = torch.zeros(hq, dtype=torch.float64)
-    induction = torch.zeros(hq, dtype=torch.float64)
+    dev = q.device  # index bookkeeping stays on the host; masks and sums live with the logits
+    echo = torch.zeros(hq, dtype=torch.float64, device=dev)
+    induction = torch.zeros(hq, dtype=torch.float64, device=dev)
     first = 1 + n  # queries in copies 2.. (0-based copy index >= 1)
     for a in range(first, t, chunk_size):
         b = min(t, a + chunk_size)
@@ -103,11 +108,11 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, scale: float, n: int, *, chunk
         rows = torch.arange(a, b)
         if attention_mask is None:
             # keys [0, a) are visible to every row of the chunk; only the diagonal block needs masking
-            logits[:, :, a:].masked_fill_(torch.arange(a, b)[None, :] > rows[:, None], float("-inf"))
+            logits[:, :, a:].masked_fill_((torch.arange(a, b)[None, :] > rows[:, None]).to(dev), float("-inf"))
         elif attention_mask.dtype == torch.bool:
-            logits.masked_fill_(~attention_mask[a:b, :b], float("-inf"))
+            logits.masked_fill_(~attention_mask[a:b, :b].to(dev), float("-inf"))
         else:
-            logits += attention_mask[a:b, :b].float()
+            logits += attention_mask[a:b, :b].to(dev).float()
         lse = torch.logsumexp(logits, dim=-1)  # [Hq, c]
         for m in range(1, (t - 1) // n + 1):
             src = rows - m * n  # earlier occurrence of the same position in the copy
@@ -137,8 +142,8 @@ def gathered_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: 
     hkv = k.shape[0]
     group = hq // hkv
     first = 1 + n
-    echo = torch.zeros(hq, dtype=torch.float64)
-    induction = torch.zeros(hq, dtype=torch.float64)
+    echo = torch.zeros(hq, dtype=torch.float64, device=q.device)
+    induction = torch.zeros(hq, dtype=torch.float64, device=q.device)
     qg = q.float().view(hkv, group, t, d)
     kf = k.float()[:, None]  # [Hkv, 1, T, D], broadcast over the group
     for m in range(1, (t - 1) // n + 1):
@@ -237,8 +242,9 @@ def _check_rope_decoder(model, arch: str) -> None:
             f"decoders in transformers such as Llama, Qwen2, Mistral and Gemma.")
 
 
-def load_model(model_dir: str | Path, dtype: str = "float32"):
-    """Load a causal LM for profiling/evaluation, with clear errors for bad input."""
+def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """Load a causal LM for profiling/evaluation, with clear errors for bad input. `device`: as
+    `ProfileOptions.device`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(model_dir).expanduser()
@@ -251,13 +257,39 @@ def load_model(model_dir: str | Path, dtype: str = "float32"):
         cfg = AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers raises several types for unreadable configs
         raise ValueError(f"cannot read {path / 'config.json'}: {e}") from e
+    placement = _placement(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa",
+                                                     **placement)
     except ValueError as e:
         arch = (getattr(cfg, "architectures", None) or [cfg.model_type])[0]
         raise UnsupportedModelError(f"{arch} cannot be loaded as a causal LM by transformers: {e}") from e
     model.eval()
     return model
+
+
+def _placement(device: str) -> dict:
+    """from_pretrained keyword arguments for `device`, refused early with the fix when unusable."""
+    if device == "cpu":
+        return {}
+    try:
+        kind = "auto" if device == "auto" else torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("auto", "cuda"):
+        raise ValueError(f"--device {device!r}: use cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA device (torch {torch.__version__}, "
+                         f"cuda {torch.version.cuda}); use --device cpu")
+    if device == "auto":
+        # every visible GPU, layer by layer (accelerate): a 70B model in bf16 needs ~140 GB
+        return {"device_map": "auto"}
+    return {"device_map": {"": device}}
+
+
+def _input_device(model) -> torch.device:
+    """Where the input ids go: the embedding's device (the first GPU of a device_map)."""
+    return model.get_input_embeddings().weight.device
 
 
 def profile_model(model, opts: ProfileOptions = ProfileOptions(), *, bos_token_id: int | None = None) -> HeadConfig:
@@ -276,7 +308,7 @@ def profile_model(model, opts: ProfileOptions = ProfileOptions(), *, bos_token_i
     if vocab is not None and opts.id_high > vocab:
         raise ValueError(f"random id range [{opts.id_low}, {opts.id_high}) exceeds the vocabulary ({vocab}); "
                          f"pass --id-low/--id-high inside it")
-    ids = calibration_ids(int(bos), opts)[None]
+    ids = calibration_ids(int(bos), opts)[None].to(_input_device(model))
 
     from tqdm.auto import tqdm
 
@@ -296,8 +328,8 @@ def profile_model(model, opts: ProfileOptions = ProfileOptions(), *, bos_token_i
             f"AttentionInterface, so their queries and keys cannot be observed")
 
     kv = ident.num_kv_heads
-    echo = [max_over_groups(rec.echo[l], kv).tolist() for l in range(ident.num_layers)]
-    induction = [max_over_groups(rec.induction[l], kv).tolist() for l in range(ident.num_layers)]
+    echo = [max_over_groups(rec.echo[l].cpu(), kv).tolist() for l in range(ident.num_layers)]
+    induction = [max_over_groups(rec.induction[l].cpu(), kv).tolist() for l in range(ident.num_layers)]
     settings = ProfileSettings(num_random_tokens=opts.num_random_tokens, repeats=opts.repeats, seed=opts.seed,
                                id_low=opts.id_low, id_high=opts.id_high, bos_token_id=int(bos),
                                induction_ratio=opts.induction_ratio, echo_ratio=opts.echo_ratio, dtype=opts.dtype)
@@ -350,7 +382,7 @@ def format_head_table(cfg: HeadConfig, top: int = 20) -> str:
 def run_profile(model_dir: str | Path, out: str | Path | None, opts: ProfileOptions = ProfileOptions(),
                 plot: str | Path | None = None) -> HeadConfig:
     t0 = time.perf_counter()
-    model = load_model(model_dir, opts.dtype)
+    model = load_model(model_dir, opts.dtype, opts.device)
     cfg = profile_model(model, opts)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -582,3 +582,53 @@ def test_shipped_smollm2_head_config():
     total = len(all_ind)
     expected_max = math.ceil(round(p.induction_ratio * total, 9)) + math.ceil(round(p.echo_ratio * total, 9))
     assert hc.num_retrieval <= expected_max
+
+
+# -- off CPU (`--device cuda|auto`): the chunked score path on any device --------------------------
+def test_score_paths_keep_every_tensor_on_the_querys_device():
+    """`head_scores` (what runs off CPU) and `gathered_scores` with q/k on the meta device: any
+    tensor built on the host and mixed into the math (a mask, an accumulator) raises here, as it
+    would on CUDA. Index bookkeeping on the host is allowed (PyTorch accepts CPU index tensors)."""
+    from razor_vllm.profile.profiler import gathered_scores, head_scores
+
+    n, t = 5, 1 + 5 * 3
+    q = torch.empty(6, t, 8, device="meta")
+    k = torch.empty(2, t, 8, device="meta")
+    for mask in (None, torch.ones(t, t, dtype=torch.bool).tril(), torch.zeros(t, t)):
+        echo, induction = head_scores(q, k, 0.3, n, chunk_size=4, attention_mask=mask, softcap=None)
+        assert echo.device.type == induction.device.type == "meta" and echo.shape == (6,)
+    echo, induction = gathered_scores(q, k, torch.empty(6, t, device="meta"), 0.3, n)
+    assert echo.device.type == "meta"
+
+
+def test_device_option_refused_with_the_fix_when_unusable(monkeypatch):
+    from razor_vllm.profile.profiler import _placement
+
+    assert _placement("cpu") == {}
+    with pytest.raises(ValueError, match="use cpu, cuda, cuda:N or auto"):
+        _placement("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1", "auto"):
+        with pytest.raises(ValueError, match="sees no CUDA device.*use --device cpu"):
+            _placement(device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _placement("auto") == {"device_map": "auto"}
+    assert _placement("cuda:1") == {"device_map": {"": "cuda:1"}}
+
+
+@pytest.mark.slow
+def test_chunked_path_gives_the_shipped_smollm2_heads():
+    """The score path a GPU profile takes (the chunked pass, no CPU flash op) gives exactly the
+    shipped config's heads for SmolLM2, and its scores within 1e-5 (fp32, other summation order)."""
+    from razor_vllm.heads import load_head_config
+    from razor_vllm.paths import default_model_dir
+    from razor_vllm.profile.profiler import ProfileOptions, load_model, profile_model
+
+    model_dir = default_model_dir()
+    if not (model_dir / "config.json").exists():
+        pytest.skip("run `razor-vllm fetch-model smollm2-135m-instruct` first")
+    shipped = load_head_config("smollm2-135m-instruct")
+    got = profile_model(load_model(model_dir, "float32"), ProfileOptions(fused=False, progress=False))
+    assert got.retrieval_heads == shipped.retrieval_heads
+    for a, b in ((got.echo_scores, shipped.echo_scores), (got.induction_scores, shipped.induction_scores)):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5), "scores moved beyond fp32 reordering"
