@@ -8,6 +8,11 @@ page tensor A (offsets 0 and ring.slots, block table A) and one in page tensor B
 table, a strided column slice of a wider tensor); KV head 1 is a retrieval head the kernels must not
 touch. Pages start dirty (vLLM does not zero them) and each live region holds a realistic state
 replayed with `ring_step` over random earlier chunks. Every page's null block 0 must stay untouched.
+
+Two modes: under the interpreter (``TRITON_INTERPRET=1``, the default here) the kernels run on the CPU
+tensors themselves; with ``TRITON_INTERPRET=0`` and CUDA (scripts/gpu_check.sh) they run compiled on
+device copies of the same inputs (the descriptor table built from the device tensors), and the
+results are copied back and compared with the same oracle and the same bounds. Otherwise: skipped.
 """
 
 from __future__ import annotations
@@ -21,8 +26,13 @@ from razor_vllm.kernels import ring_torch as ring_ops
 from razor_vllm.kernels.ring_layout import RingLayout
 
 pytest.importorskip("triton", reason="triton is not installed")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests use CPU tensors: compiled Triton needs TRITON_INTERPRET=1 here", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"  # the interpreter on the CPU tensors
+elif torch.cuda.is_available():
+    DEVICE = "cuda"  # compiled, on device copies of the CPU-built inputs
+else:
+    pytest.skip("TRITON_INTERPRET is not 1 (compiled Triton) and there is no CUDA device: these tests run "
+                "the kernels interpreted on CPU (TRITON_INTERPRET=1) or compiled on CUDA", allow_module_level=True)
 
 from razor_vllm.kernels import ring_triton  # noqa: E402
 
@@ -34,9 +44,25 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
+def _dev(t: torch.Tensor) -> torch.Tensor:
+    """A device copy of a CPU-built tensor (the tensor itself under the interpreter); keeps strides."""
+    if DEVICE == "cpu":
+        return t
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE)
+    return out.copy_(t)
+
+
+def _full(shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.full(shape, SENTINEL, dtype=dtype, device=DEVICE)
+
+
 class Batch:
     """Pages, block tables, table and step tensors of one batch. `reqs`: (start, q_len, live) per
-    request; a request that is not live has ring block 0 in every block table."""
+    request; a request that is not live has ring block 0 in every block table.
+
+    The attributes without prefix are the CPU tensors (the oracle's inputs); ``d_*`` are what the
+    kernels get: the same tensors under the interpreter, device copies on CUDA (``table`` is built
+    from the device pages and block tables)."""
 
     def __init__(self, ring: RingLayout, reqs, *, seed: int, pad_rows: int = 0):
         gen = torch.Generator().manual_seed(seed)
@@ -60,7 +86,6 @@ class Batch:
         # (kv_head, page, offset, block table) of the local heads
         self.heads = [(2, self.page_a, 0, self.bt_a), (0, self.page_a, ring.slots, self.bt_a),
                       (3, self.page_b, 1, self.bt_b)]
-        self.table = ring_triton.ring_table([ring_triton.RingHead(*h) for h in self.heads], "cpu", ring=ring)
 
         # the step: flattened rows
         q_lens = [c for _, c, _ in reqs] + [0] * pad_rows
@@ -85,6 +110,24 @@ class Batch:
                     q = torch.randn(c, G, D, generator=gen).to(dtype)
                     ring_ops.ring_step(region, ring, q, k, v, pos, scale=D ** -0.5, compensation="count")
                     pos += c
+
+        # what the kernels get (built after the prior state: device copies hold it)
+        self.d_page_a, self.d_page_b = _dev(self.page_a), _dev(self.page_b)
+        self.d_bt_a = _dev(self.bt_a)
+        self.d_bt_b = _dev(wide)[:, 2:5]  # the same strided column slice on the device
+        d_pages = {id(self.page_a): self.d_page_a, id(self.page_b): self.d_page_b}
+        d_bts = {id(self.bt_a): self.d_bt_a, id(self.bt_b): self.d_bt_b}
+        self.d_heads = [(kvh, d_pages[id(page)], off, d_bts[id(bt)]) for kvh, page, off, bt in self.heads]
+        self.table = ring_triton.ring_table([ring_triton.RingHead(*h) for h in self.d_heads], DEVICE, ring=ring)
+        self.d_qsl, self.d_seq_lens = _dev(self.qsl), _dev(self.seq_lens)
+        self.d_query, self.d_key, self.d_value = _dev(self.query), _dev(self.key), _dev(self.value)
+
+    def run_args(self):
+        """(table, ring, query_start_loc, seq_lens) for a launch."""
+        return self.table, self.ring, self.d_qsl, self.d_seq_lens
+
+    def qkv(self):
+        return self.d_query, self.d_key, self.d_value
 
     def oracle(self, rows, *, scale, compensation):
         """ring_step on cloned pages for the requests `rows`; returns (pages A, B, out)."""
@@ -115,8 +158,10 @@ class Batch:
 
 
 def _check(batch: Batch, ref, out, *, exact_sums: bool, sum_atol: float = 0.0):
+    """The kernels' results (out, the device pages: copied back) against the oracle's `ref`."""
     ref_a, ref_b, ref_out = ref
     dtype = batch.ring.dtype
+    out = out.cpu()
     if dtype == torch.float32:
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     else:
@@ -125,11 +170,13 @@ def _check(batch: Batch, ref, out, *, exact_sums: bool, sum_atol: float = 0.0):
         err = (out.float() - ref_out.float())[live].abs().max()
         assert err <= 2e-2 * ref_out.float()[live].abs().max(), err
     d = batch.ring.head_size
-    for page, ref_page, before0 in ((batch.page_a, ref_a, batch.null_a), (batch.page_b, ref_b, batch.null_b)):
+    for host_page, d_page, ref_page, before0 in ((batch.page_a, batch.d_page_a, ref_a, batch.null_a),
+                                                 (batch.page_b, batch.d_page_b, ref_b, batch.null_b)):
+        page = d_page.cpu()
         assert torch.equal(_bits(page[0]), before0), "the null block 0 was written"
         if not exact_sums:
             # the fp32 sums within rounding, then every other byte bit for bit
-            rows = batch.sum_rows(page)
+            rows = batch.sum_rows(host_page)
             got = page[rows].reshape(-1).view(torch.float32)
             want = ref_page[rows].reshape(-1).view(torch.float32)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=sum_atol, equal_nan=True)
@@ -140,8 +187,8 @@ def _check(batch: Batch, ref, out, *, exact_sums: bool, sum_atol: float = 0.0):
 
 
 def _snapshot_null(batch: Batch):
-    batch.null_a = _bits(batch.page_a[0]).clone()
-    batch.null_b = _bits(batch.page_b[0]).clone()
+    batch.null_a = _bits(batch.d_page_a[0]).cpu().clone()
+    batch.null_b = _bits(batch.d_page_b[0]).cpu().clone()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,9 +212,9 @@ def test_decode_rows_equal_ring_step(sinks, window, compensation, dtype):
     _snapshot_null(batch)
     scale = D ** -0.5
     ref = batch.oracle(range(len(reqs)), scale=scale, compensation=compensation)
-    out = torch.full(batch.query.shape, SENTINEL, dtype=dtype)
-    res = ring_triton.ring_decode_rows(batch.table, ring, batch.qsl, batch.seq_lens, len(reqs) + 2, batch.query,
-                                       batch.key, batch.value, out, scale=scale, compensation=compensation)
+    out = _full(batch.query.shape, dtype)
+    res = ring_triton.ring_decode_rows(*batch.run_args(), len(reqs) + 2, *batch.qkv(), out, scale=scale,
+                                       compensation=compensation)
     assert res is out
     # decode folds one row (k_sum + row, as ring_fold): the whole state bit for bit
     _check(batch, ref, out, exact_sums=True)
@@ -181,16 +228,16 @@ def test_decode_rows_strided_views():
     _snapshot_null(batch)
     ref = batch.oracle(range(3), scale=0.3, compensation="single")
     t = batch.query.shape[0]
-    qkv = torch.zeros(t, KV_HEADS * G + 2 * KV_HEADS + 1, D)
+    qkv = torch.zeros(t, KV_HEADS * G + 2 * KV_HEADS + 1, D, device=DEVICE)
     query = qkv[:, :KV_HEADS * G]
     key = qkv[:, KV_HEADS * G:KV_HEADS * G + KV_HEADS]
     value = qkv[:, KV_HEADS * G + KV_HEADS + 1:]
     query.copy_(batch.query), key.copy_(batch.key), value.copy_(batch.value)
-    big = torch.full((t, KV_HEADS * G, 2 * D), SENTINEL)
+    big = _full((t, KV_HEADS * G, 2 * D))
     out = big[:, :, ::2]
-    ring_triton.ring_decode_rows(batch.table, ring, batch.qsl, batch.seq_lens, 3, query, key, value, out,
-                                 scale=0.3, compensation="single")
+    ring_triton.ring_decode_rows(*batch.run_args(), 3, query, key, value, out, scale=0.3, compensation="single")
     _check(batch, ref, out.contiguous(), exact_sums=True)
+    big = big.cpu()
     assert torch.equal(big[:, :, 1::2], torch.full_like(big[:, :, 1::2], SENTINEL))
 
 
@@ -229,10 +276,10 @@ def test_chunks_equal_ring_step(sinks, window, compensation, dtype):
     scale = D ** -0.5
     chunk_rows = range(1, len(reqs))
     ref = batch.oracle(chunk_rows, scale=scale, compensation=compensation)
-    out = torch.full(batch.query.shape, SENTINEL, dtype=dtype)
+    out = _full(batch.query.shape, dtype)
     max_q_len = max(c for _, c, _ in reqs[1:])
-    res = ring_triton.ring_chunks(batch.table, ring, batch.qsl, batch.seq_lens, 1, len(reqs) - 1, max_q_len,
-                                  batch.query, batch.key, batch.value, out, scale=scale, compensation=compensation)
+    res = ring_triton.ring_chunks(*batch.run_args(), 1, len(reqs) - 1, max_q_len, *batch.qkv(), out, scale=scale,
+                                  compensation=compensation)
     assert res is out
     _check(batch, ref, out, exact_sums=False, sum_atol=_fold_atol(max_q_len, w))
 
@@ -245,9 +292,8 @@ def test_chunks_long_chunk_several_query_blocks():
     batch = Batch(ring, reqs, seed=21)
     _snapshot_null(batch)
     ref = batch.oracle(range(2), scale=0.25, compensation="count")
-    out = torch.full(batch.query.shape, SENTINEL)
-    ring_triton.ring_chunks(batch.table, ring, batch.qsl, batch.seq_lens, 0, 2, 70, batch.query, batch.key,
-                            batch.value, out, scale=0.25, compensation="count")
+    out = _full(batch.query.shape)
+    ring_triton.ring_chunks(*batch.run_args(), 0, 2, 70, *batch.qkv(), out, scale=0.25, compensation="count")
     _check(batch, ref, out, exact_sums=False, sum_atol=_fold_atol(70, 8))
 
 
@@ -257,25 +303,33 @@ def test_chunks_long_chunk_several_query_blocks():
 
 def test_ring_table_rejects_bad_heads():
     ring = RingLayout(4, 8, D, torch.float32)
-    page = torch.zeros(5, ring.slots + 2, 2 * D)
-    bt = torch.zeros(4, 2, dtype=torch.int32)
+    dev = DEVICE
+    page = torch.zeros(5, ring.slots + 2, 2 * D, device=dev)
+    bt = torch.zeros(4, 2, dtype=torch.int32, device=dev)
     Head = ring_triton.RingHead
-    ring_triton.ring_table([Head(0, page, 2, bt)], "cpu", ring=ring)  # fits exactly
+    ring_triton.ring_table([Head(0, page, 2, bt)], dev, ring=ring)  # fits exactly
     with pytest.raises(ValueError, match="exceeds the page"):
-        ring_triton.ring_table([Head(0, page, 3, bt)], "cpu", ring=ring)
-    wide = torch.zeros(5, ring.slots + 2, 4 * D)
+        ring_triton.ring_table([Head(0, page, 3, bt)], dev, ring=ring)
+    wide = torch.zeros(5, ring.slots + 2, 4 * D, device=dev)
     with pytest.raises(ValueError, match="contiguous rows"):
-        ring_triton.ring_table([Head(0, wide[:, :, ::2], 0, bt)], "cpu", ring=ring)
+        ring_triton.ring_table([Head(0, wide[:, :, ::2], 0, bt)], dev, ring=ring)
     with pytest.raises(ValueError, match="contiguous rows"):
-        ring_triton.ring_table([Head(0, torch.zeros(5, ring.slots + 2, D), 0, bt)], "cpu", ring=ring)
+        ring_triton.ring_table([Head(0, torch.zeros(5, ring.slots + 2, D, device=dev), 0, bt)], dev, ring=ring)
     with pytest.raises(ValueError, match="int32"):
-        ring_triton.ring_table([Head(0, page, 0, bt.long())], "cpu", ring=ring)
+        ring_triton.ring_table([Head(0, page, 0, bt.long())], dev, ring=ring)
     with pytest.raises(ValueError, match="dtype"):
-        ring_triton.ring_table([Head(0, page.bfloat16(), 0, bt)], "cpu", ring=ring)
+        ring_triton.ring_table([Head(0, page.bfloat16(), 0, bt)], dev, ring=ring)
+    if dev != "cpu":
+        # the table holds raw addresses: a page or block table on another device is refused
+        with pytest.raises(ValueError, match="table on"):
+            ring_triton.ring_table([Head(0, page.cpu(), 0, bt)], dev, ring=ring)
+        with pytest.raises(ValueError, match="table on"):
+            ring_triton.ring_table([Head(0, page, 0, bt.cpu())], dev, ring=ring)
     # a KV head the layer's key tensor lacks is refused at launch (host metadata only)
-    table = ring_triton.ring_table([Head(3, page, 0, bt)], "cpu", ring=ring)
-    q, kv = torch.zeros(1, 2 * G, D), torch.zeros(1, 2, D)
-    qsl, lens = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([5], dtype=torch.int32)
+    table = ring_triton.ring_table([Head(3, page, 0, bt)], dev, ring=ring)
+    q, kv = torch.zeros(1, 2 * G, D, device=dev), torch.zeros(1, 2, D, device=dev)
+    qsl = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+    lens = torch.tensor([5], dtype=torch.int32, device=dev)
     with pytest.raises(ValueError, match="KV head 3"):
         ring_triton.ring_decode_rows(table, ring, qsl, lens, 1, q, kv, kv, q.clone(), scale=1.0, compensation="none")
 
@@ -303,24 +357,33 @@ def _record_ops(fn):
 
 def test_launches_do_no_host_sync(monkeypatch):
     """No .item()/bool()/tensor-from-list in the launch functions, and ONE launch per call with the
-    caller's grid. First with the real (interpreted) kernels, then with stub launchers recording
-    what happens outside the launch."""
+    caller's grid. First with the real kernels (interpreted, or compiled on CUDA: there also under
+    CUDA's sync debug mode, which errors on any synchronizing call), then with stub launchers
+    recording what happens outside the launch (no real launch)."""
     ring = RingLayout(4, 8, D, torch.float32)
     batch = Batch(ring, [(9, 1, True), (0, 5, True)], seed=3, pad_rows=1)
-    out = torch.zeros_like(batch.query)
+    out = torch.zeros_like(batch.d_query)
 
     def decode():
-        ring_triton.ring_decode_rows(batch.table, ring, batch.qsl, batch.seq_lens, 3, batch.query, batch.key,
-                                     batch.value, out, scale=0.25, compensation="count")
+        ring_triton.ring_decode_rows(*batch.run_args(), 3, *batch.qkv(), out, scale=0.25, compensation="count")
 
     def chunks():
-        ring_triton.ring_chunks(batch.table, ring, batch.qsl, batch.seq_lens, 1, 1, 5, batch.query, batch.key,
-                                batch.value, out, scale=0.25, compensation="count")
+        ring_triton.ring_chunks(*batch.run_args(), 1, 1, 5, *batch.qkv(), out, scale=0.25, compensation="count")
 
     for fn in (decode, chunks):
         ops = _record_ops(fn)
         bad = [op for op in ops if op.startswith(_FORBIDDEN)]
         assert not bad, bad
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()  # compiled by now: the launches below are the steady state
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            decode()
+            chunks()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize()
 
     grids = []
 
@@ -341,3 +404,45 @@ def test_launches_do_no_host_sync(monkeypatch):
     assert _record_ops(chunks) == []
     # 5 tokens x G = 2 rows -> BLOCK_M 16, 8 tokens per program: one query block
     assert grids == [("_ring_chunk_attend_kernel", (1, 1, 3)), ("_ring_chunk_fold_write_kernel", (1, 3))]
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA graph (compiled on CUDA only)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA-graph capture needs the compiled kernels on CUDA")
+def test_decode_and_chunks_replayed_from_a_cuda_graph():
+    """The three launches of a mixed step (decode row 0, chunk requests after it) captured in one
+    CUDA graph and replayed: the same result as the oracle (scripts/gpu_graph_check.py replays a
+    whole padded layer step several times)."""
+    ring = RingLayout(4, 8, D, torch.bfloat16)
+    reqs = [(7, 1, True), (0, 3, True), (13, 9, True), (30, 1, True), (5, 2, False)]
+    batch = Batch(ring, reqs, seed=31, pad_rows=2)
+    _snapshot_null(batch)
+    scale = D ** -0.5
+    ref = batch.oracle(range(len(reqs)), scale=scale, compensation="count")
+    out = _full(batch.query.shape, torch.bfloat16)
+
+    def step():
+        ring_triton.ring_decode_rows(*batch.run_args(), 1, *batch.qkv(), out, scale=scale, compensation="count")
+        ring_triton.ring_chunks(*batch.run_args(), 1, len(reqs) - 1, 9, *batch.qkv(), out, scale=scale,
+                                compensation="count")
+
+    saved = batch.d_page_a.clone(), batch.d_page_b.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: compiles
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    batch.d_page_a.copy_(saved[0]), batch.d_page_b.copy_(saved[1])
+    out.fill_(SENTINEL)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize()
+    # capturing launched nothing: the pages are still the saved state
+    assert torch.equal(_bits(batch.d_page_a), _bits(saved[0])) and torch.equal(_bits(batch.d_page_b), _bits(saved[1]))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(batch, ref, out, exact_sums=False, sum_atol=_fold_atol(9, 8))
