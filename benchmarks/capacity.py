@@ -12,6 +12,9 @@ out/bench_capacity.json (`capacity_ratio` = razor / stock tokens) and out/bench_
 Optionally (--prompt-len > 0) generates a few tokens on one random prompt to show the engine runs.
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python benchmarks/capacity.py --window 256
+    # another fetched model and length, with its shipped head config:
+    VLLM_CPU_KVCACHE_SPACE=2 .venv/bin/python benchmarks/capacity.py --model qwen2.5-coder-0.5b-instruct \
+        --head-config qwen2.5-coder-0.5b-instruct --max-model-len 16384 --out out/capacity_qwen_16k.json
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from razor_vllm.config import SERVING_DEFAULTS
 from razor_vllm.paths import default_model_dir
 from razor_vllm.serve.process import parse_kv_capacity_log
 
@@ -33,11 +37,17 @@ RESULT = "BENCH_RESULT "
 LAYOUT_RE = re.compile(r"(razor KV layout: .*)")
 
 
+def _model_dir(model: str) -> Path:
+    """A fetched model's name (under the cache) or a directory."""
+    p = Path(model).expanduser()
+    return p if p.is_dir() else MODEL.parent / model
+
+
 def child(args) -> None:
     """One engine in this process; prints RESULT json."""
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    kw = dict(model=str(MODEL), dtype="bfloat16", max_model_len=args.max_model_len, enforce_eager=True,
+    kw = dict(model=str(_model_dir(args.model)), dtype="bfloat16", max_model_len=args.max_model_len, enforce_eager=True,
               enable_prefix_caching=False, max_num_seqs=4, seed=0)
     if args.mode == "razor":
         kw.update(attention_backend="razor", additional_config={"razor": {
@@ -67,7 +77,8 @@ def child(args) -> None:
 def run_mode(mode: str, args) -> dict:
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    cmd = [sys.executable, __file__, "--mode", mode, "--window", str(args.window), "--sinks", str(args.sinks),
+    cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--window", str(args.window),
+           "--sinks", str(args.sinks),
            "--max-model-len", str(args.max_model_len), "--prompt-len", str(args.prompt_len),
            "--head-config", args.head_config]
     print(f"== {mode}: VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']} GiB ...", flush=True)
@@ -94,7 +105,7 @@ def run_mode(mode: str, args) -> dict:
     return res
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +120,7 @@ def plot(results: dict, path: Path) -> None:
         ax.bar_label(bars, labels=[f"{v:,.0f}" if key == "kv_cache_tokens" else f"{v:.2f}x" for v in vals])
         ax.set_title(title, fontsize=10)
         ax.margins(y=0.15)
-    fig.suptitle("SmolLM2-135M, same VLLM_CPU_KVCACHE_SPACE: stock vs razor kv_layout=paged", fontsize=10)
+    fig.suptitle(f"{title}, same VLLM_CPU_KVCACHE_SPACE: stock vs razor kv_layout=paged", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -124,26 +135,28 @@ def driver(args) -> None:
     print(f"capacity_ratio (razor/stock): {ratio:.2f}x")
     if "layout" in results["razor"]:
         print(results["razor"]["layout"])
-    out = REPO / "out"
-    out.mkdir(exist_ok=True)
-    summary = {"model": MODEL.name, "max_model_len": args.max_model_len, "window": args.window,
+    out_json = args.out or REPO / "out" / "bench_capacity.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"model": _model_dir(args.model).name, "max_model_len": args.max_model_len, "window": args.window,
                "sinks": args.sinks, "head_config": args.head_config,
                "VLLM_CPU_KVCACHE_SPACE_GiB": float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")),
                "capacity_ratio": ratio, "stock": results["stock"], "razor": results["razor"]}
-    (out / "bench_capacity.json").write_text(json.dumps(summary, indent=2))
-    plot(results, out / "bench_capacity.png")
-    print(f"wrote {out / 'bench_capacity.json'} and {out / 'bench_capacity.png'}")
+    out_json.write_text(json.dumps(summary, indent=2))
+    plot(results, out_json.with_suffix(".png"), f"{summary['model']} at {args.max_model_len}")
+    print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["stock", "razor"], help=argparse.SUPPRESS)
-    ap.add_argument("--window", type=int, default=256)
-    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--model", default=MODEL.name, help="a fetched model's name or a model directory")
+    ap.add_argument("--window", type=int, default=SERVING_DEFAULTS["window"])
+    ap.add_argument("--sinks", type=int, default=SERVING_DEFAULTS["sinks"])
     ap.add_argument("--head-config", default="smollm2-135m-instruct")
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--prompt-len", type=int, default=0, help="> 0: also generate 8 tokens on one prompt")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--out", type=Path, help="JSON to write (default out/bench_capacity.json; a PNG beside it)")
     args = ap.parse_args()
     if args.mode:
         child(args)

@@ -108,14 +108,24 @@ class HeadConfig(BaseModel):
     """[layer][kv_head]: attention mass on the token after earlier copies (max over the GQA group)."""
     retrieval_heads: list[list[int]]
     """[layer] -> sorted retrieval KV heads of that layer."""
+    query_echo_scores: list[list[float]] | None = None
+    """[layer][query_head]: the echo score of every query head before the max over its GQA group
+    (profiles since this field exists; None in older configs). Serving never reads it: it is kept
+    to compare KV-level with query-level selection (benchmarks/head_structure.py)."""
+    query_induction_scores: list[list[float]] | None = None
+    """[layer][query_head]: the same for the induction score."""
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "HeadConfig":
-        n_l, n_kv = self.model.num_layers, self.model.num_kv_heads
+        n_l, n_kv, n_q = self.model.num_layers, self.model.num_kv_heads, self.model.num_attention_heads
         for name in ("echo_scores", "induction_scores"):
             rows = getattr(self, name)
             if len(rows) != n_l or any(len(r) != n_kv for r in rows):
                 raise ValueError(f"{name} must be {n_l} layers x {n_kv} KV heads")
+        for name in ("query_echo_scores", "query_induction_scores"):
+            rows = getattr(self, name)
+            if rows is not None and (len(rows) != n_l or any(len(r) != n_q for r in rows)):
+                raise ValueError(f"{name} must be {n_l} layers x {n_q} query heads")
         if len(self.retrieval_heads) != n_l:
             raise ValueError(f"retrieval_heads must list {n_l} layers, got {len(self.retrieval_heads)}")
         for layer, heads in enumerate(self.retrieval_heads):
@@ -160,9 +170,11 @@ class HeadConfig(BaseModel):
             problems.append(f"profile settings differ: {self.profile} vs {ref.profile}")
         if self.retrieval_heads != ref.retrieval_heads:
             problems.append(f"retrieval heads differ: {self.retrieval_heads} vs {ref.retrieval_heads}")
-        for name in ("echo_scores", "induction_scores"):
+        for name in ("echo_scores", "induction_scores", "query_echo_scores", "query_induction_scores"):
             a, b = getattr(self, name), getattr(ref, name)
-            if len(a) == len(b):
+            if (a is None) != (b is None):
+                problems.append(f"{name}: present in only one of the two configs")
+            elif a is not None and len(a) == len(b):
                 worst = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
                 if worst > tol:
                     problems.append(f"{name} differ by up to {worst:.3g} (> {tol})")

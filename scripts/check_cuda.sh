@@ -26,5 +26,23 @@ echo "import site; site.addsitedir('$SITE')" > "$SIDE/lib/python3.11/site-packag
 # CUDA_VISIBLE_DEVICES="": with no device to count, vLLM keeps its own Triton kernels on (HAS_TRITON), so
 # the retrieval siblings run vLLM's unified_attention as on a GPU (interpreted)
 export VLLM_TARGET_DEVICE=cuda TRITON_INTERPRET=1 RAZOR_EXPECT_VLLM="$VLLM_CUDA_VERSION" CUDA_VISIBLE_DEVICES=""
-"$SIDE/bin/python" -m pytest -q -ra -p no:cacheprovider tests/cuda "$@"
-"$SIDE/bin/python" -m benchmarks.capacity_shapes --out out/capacity_shapes_vllm$VLLM_CUDA_VERSION.json
+mkdir -p out
+export RAZOR_CHECK_CUDA_REPORT=out/check_cuda_cudagraph.json
+rm -f "$RAZOR_CHECK_CUDA_REPORT"
+rc=0
+"$SIDE/bin/python" -m pytest -q -ra -p no:cacheprovider --junitxml out/check_cuda.xml tests/cuda "$@" || rc=$?
+"$SIDE/bin/python" -m benchmarks.capacity_shapes --out out/capacity_shapes_vllm$VLLM_CUDA_VERSION.json || rc=$((rc ? rc : 1))
+# the last line: test counts and the CUDA-graph mode vLLM 0.33's resolver keeps for razor's builders
+"$SIDE/bin/python" - "$VLLM_CUDA_VERSION" <<'PYEOF'
+import json, pathlib, sys
+import xml.etree.ElementTree as ET
+suite = ET.parse("out/check_cuda.xml").getroot()
+suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+n, f, e, s = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+cg = pathlib.Path("out/check_cuda_cudagraph.json")
+mode = json.loads(cg.read_text()) if cg.exists() else {"cudagraph_mode": "not resolved", "min_cg_support": "?"}
+print(f"check-cuda (vllm {sys.argv[1]} wheel, CPU, Triton interpreted): {n - f - e - s} passed, {f} failed, "
+      f"{e} errors, {s} skipped; cudagraph mode {mode['cudagraph_mode']} (razor's weakest builder: "
+      f"{mode['min_cg_support']})")
+PYEOF
+exit $rc

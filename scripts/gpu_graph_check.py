@@ -3,8 +3,8 @@
 `PagedTriton.forward` (razor_vllm/vllm/forward_paged_triton.py) runs it on the triton path.
 
 The layer: G = 4 query heads per KV head, D = 128, bf16, 8 KV heads: 3 retrieval heads (each a
-1-head sibling cache ``[num_blocks, 1, P, 2D]``, written with `uniform_triton.reshape_and_cache` and
-attended with `uniform_triton.razor_paged_attention`, head_is_local = [False]) and 5 local heads
+1-head sibling cache ``[num_blocks, 1, P, 2D]``, all three written by one
+`sibling_triton.write_siblings` launch and each attended with `uniform_triton.razor_paged_attention`, head_is_local = [False]) and 5 local heads
 (ring regions S = 4, W = 64: three in page tensor A, two in page tensor B, each page tensor with its
 own block table; one `ring_decode_rows` launch over the whole padded batch). P = page tokens =
 round_up(3 * ring.slots, 16), the retrieval siblings' block size too.
@@ -109,6 +109,10 @@ class State:
         self.table = ring_triton.ring_table([ring_triton.RingHead(*x) for x in self.local],
                                             qkv.device, ring=ring)
         assert self.table.dtype == torch.int64
+        from razor_vllm.kernels import sibling_triton
+
+        self.sib_table = sibling_triton.sibling_table(
+            [sibling_triton.SiblingHead(h, self.sibs[i], self.slot) for i, h in enumerate(RETRIEVAL)], qkv.device)
 
     def clone(self) -> "State":
         return State({k: v.clone() for k, v in self.base.items()}, self.ring)
@@ -123,16 +127,15 @@ class State:
 
 def layer_step(st: State, *, scale: float, compensation: str) -> None:
     """`PagedTriton.forward` of a decode-only padded step (md.num_decodes = all rows, no chunks):
-    per retrieval head the sibling write and its attention on strided views of query/out, then one
-    `ring_decode_rows` launch for every local head."""
-    from razor_vllm.kernels import ring_triton, uniform_triton
+    one sibling write for every retrieval head, each head's attention on strided views of
+    query/out, then one `ring_decode_rows` launch for every local head."""
+    from razor_vllm.kernels import ring_triton, sibling_triton, uniform_triton
 
     n = ROWS
+    sibling_triton.write_siblings(st.sib_table, st.key, st.value, n)
     for i, h in enumerate(RETRIEVAL):
         cache = st.sibs[i]
         key_cache, value_cache = cache[..., :D], cache[..., D:]
-        uniform_triton.reshape_and_cache(st.key[:n, h:h + 1], st.value[:n, h:h + 1], key_cache, value_cache,
-                                         st.slot[:n])
         uniform_triton.razor_paged_attention(
             st.query[:n, h * G:(h + 1) * G], key_cache, value_cache, st.bt_sib, st.seq_lens, st.qsl,
             scale=scale, head_is_local=st.no_local, sinks=0, window=1, out=st.out[:n, h * G:(h + 1) * G])

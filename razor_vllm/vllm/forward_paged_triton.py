@@ -2,9 +2,11 @@
 test mode, `razor_vllm.vllm.execution`): the forward strategy `PagedTriton`, chosen once by the impl.
 
 Per layer and step:
-* retrieval KV heads (1-head sibling caches): razor's stride-aware Triton writer, then vLLM's own
+* retrieval KV heads (1-head sibling caches): one launch writes every retrieval head's K/V into its
+  sibling (`sibling_triton.write_siblings`, a per-layer table of cache and slot-mapping addresses:
+  siblings of one layer may sit in different KV-cache groups), then per head vLLM's own
   `unified_attention` (or razor's Triton kernel with every head retrieval, where vLLM has no Triton)
-  for the head's G query heads, reading and writing strided views of query/output (no copies);
+  for its G query heads, reading and writing strided views of query/output (no copies);
 * local heads (ring regions of the requests' ring pages): one `ring_decode_rows` launch for the
   leading single-token requests and, when the step has prefill chunks, one `ring_chunk_attend` plus
   one `ring_chunk_fold_write` launch for all of them. The kernels take a per-layer table of the local
@@ -27,19 +29,21 @@ class PagedTriton:
     """The forward of one layer in the paged layout on the `triton` path (the impl holds one)."""
 
     def __init__(self, impl, layout: kvl.KVLayout, sibling_attention: str) -> None:
-        from razor_vllm.kernels import ring_triton, uniform_triton
+        from razor_vllm.kernels import ring_triton, sibling_triton, uniform_triton
 
         self.impl, self.layout = impl, layout
         self.ring = layout.ring
         self.compensation = impl.policy.compensation
         self.sibling_attention = sibling_attention
-        self._ring_ops, self._uniform_ops = ring_triton, uniform_triton
+        self._ring_ops, self._uniform_ops, self._sibling_ops = ring_triton, uniform_triton, sibling_triton
         if sibling_attention == "vllm":
             from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
             self._unified_attention = unified_attention
         self._table: tuple[tuple, torch.Tensor] | None = None
         """(the addresses it was built from, the int64 descriptor table of the layer's local heads)."""
+        self._sibling_table: tuple[tuple, torch.Tensor] | None = None
+        """The same for the layer's retrieval heads (sibling caches and their slot mappings)."""
         self._all_retrieval: dict[torch.device, torch.Tensor] = {}
 
     def describe(self) -> str:
@@ -47,8 +51,8 @@ class PagedTriton:
                 f"{'vLLM unified_attention' if self.sibling_attention == 'vllm' else 'razor Triton attention'}")
 
     def reset(self) -> None:
-        """The layer was (re)resolved: drop the descriptor table."""
-        self._table = None
+        """The layer was (re)resolved: drop the descriptor tables."""
+        self._table = self._sibling_table = None
 
     def kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         """Nothing: the forward writes the siblings and ring pages itself."""
@@ -72,6 +76,17 @@ class PagedTriton:
             self._table = (key, self._ring_ops.ring_table(heads, kv_cache.device, ring=self.ring))
         return self._table[1]
 
+    def _retrieval_table(self, spec: kvl.LayerLayout, fc) -> torch.Tensor:
+        """The table of the layer's retrieval heads for `write_siblings`; rebuilt only when a cache or a
+        slot-mapping buffer moves (the key is host-side addresses)."""
+        caches = [fc.no_compile_layers[r.name].kv_cache for r in spec.retrieval]
+        slots = [fc.attn_metadata[r.name].slot_mapping for r in spec.retrieval]
+        key = tuple((c.data_ptr(), c.stride(0), sm.data_ptr()) for c, sm in zip(caches, slots))
+        if self._sibling_table is None or self._sibling_table[0] != key:
+            heads = [self._sibling_ops.SiblingHead(r.kv_head, c, sm) for r, c, sm in zip(spec.retrieval, caches, slots)]
+            self._sibling_table = (key, self._sibling_ops.sibling_table(heads, caches[0].device))
+        return self._sibling_table[1]
+
     # -- forward ------------------------------------------------------------------------------
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, md, output: torch.Tensor) -> torch.Tensor:
@@ -83,14 +98,13 @@ class PagedTriton:
         n = md.num_actual_tokens
         group = impl.num_heads // impl.num_kv_heads
         d = impl.head_size
+        if spec.retrieval:
+            self._sibling_ops.write_siblings(self._retrieval_table(spec, fc), key, value, n)
         for r in spec.retrieval:
-            h, q0, q1 = r.kv_head, r.kv_head * group, (r.kv_head + 1) * group
+            q0, q1 = r.kv_head * group, (r.kv_head + 1) * group
             cache = fc.no_compile_layers[r.name].kv_cache  # [num_blocks, 1, P, 2D]
-            smd = fc.attn_metadata[r.name]
-            key_cache, value_cache = cache[..., :d], cache[..., d:]
-            self._uniform_ops.reshape_and_cache(key[:n, h:h + 1], value[:n, h:h + 1], key_cache, value_cache,
-                                                smd.slot_mapping[:n])
-            self._sibling_attention(query[:n, q0:q1], key_cache, value_cache, smd, output[:n, q0:q1])
+            self._sibling_attention(query[:n, q0:q1], cache[..., :d], cache[..., d:], fc.attn_metadata[r.name],
+                                    output[:n, q0:q1])
         if not spec.local:
             return output
         table = self._local_table(spec, fc, kv_cache, md)

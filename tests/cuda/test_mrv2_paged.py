@@ -40,6 +40,7 @@ D = 32
 RETRIEVAL = [[0, 1, 2], [0, 2, 3], [1, 2]]
 MAX_MODEL_LEN = 512
 MAX_REQS = 8
+MAX_TOKENS = 256
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Harness:
     attn_groups: list
     cg: object
     block_tables: list  # per KV-cache group, persistent [MAX_REQS, max_blocks] int32 (as MRv2's)
+    slot_buffer: torch.Tensor  # persistent [groups, MAX_TOKENS] int64 (MRv2's slot_mappings buffer)
     dtype: torch.dtype
     razor: dict
     next_block: int = 1
@@ -130,7 +132,8 @@ def build(tmp_path, dtype, sinks, window, compensation) -> Harness:
     for g in kv_cfg.kv_cache_groups:
         ring = type(g.kv_cache_spec).__name__ == "CircularBufferSpec"
         tables.append(torch.zeros(MAX_REQS, 1 if ring else -(-MAX_MODEL_LEN // p), dtype=torch.int32))
-    return Harness(cfg, layers, names, layout, kv_cfg, attn_groups, cg, tables, dtype, razor)
+    slots = torch.full((len(tables), MAX_TOKENS), -1, dtype=torch.int64)
+    return Harness(cfg, layers, names, layout, kv_cfg, attn_groups, cg, tables, slots, dtype, razor)
 
 
 @dataclass
@@ -200,17 +203,16 @@ def step_metadata(h: Harness, reqs: dict, batch: list[tuple[int, int]], *, pad_r
             bt.zero_()
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
     n = int(qsl[-1])
-    sms = []
+    # in place, as MRv2 fills its persistent slot-mapping buffer (kernels may keep its address)
+    slot_mappings = h.slot_buffer[:, :n]
+    slot_mappings.fill_(-1)
     for g, bt in enumerate(h.block_tables):
-        sm = torch.full((n,), -1, dtype=torch.int64)
         if not _is_ring(h, g) and not dummy:
             t = 0
             for slot in range(len(batch)):
                 for pos in range(starts[slot], seq_lens[slot]):
-                    sm[t] = int(bt[slot, pos // p]) * p + pos % p
+                    slot_mappings[g, t] = int(bt[slot, pos // p]) * p + pos % p
                     t += 1
-        sms.append(sm)
-    slot_mappings = torch.stack(sms)
     seq_t = torch.tensor(seq_lens, dtype=torch.int32)
     md = AU.build_attn_metadata(h.attn_groups, num_reqs, n, qsl, qsl.clone(), max(q_lens), seq_t, max(seq_lens),
                                 [bt[:num_reqs] for bt in h.block_tables], slot_mappings, h.kv_cfg,
@@ -358,6 +360,12 @@ def test_builders_keep_full_and_piecewise_cuda_graphs(tmp_path):
     if not cc.splitting_ops:
         cc.splitting_ops = ["vllm::unified_attention_with_output", "vllm::unified_kv_cache_update"]
     cc.resolve_cudagraph_mode_and_sizes(h.cg.min_cg_support, h.cg.min_cg_attn_backend, use_v2_model_runner=True)
+    report = os.environ.get("RAZOR_CHECK_CUDA_REPORT")  # make check-cuda's last line
+    if report:
+        import json
+
+        with open(report, "w") as f:
+            json.dump({"cudagraph_mode": cc.cudagraph_mode.name, "min_cg_support": h.cg.min_cg_support.name}, f)
     assert cc.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE, cc.cudagraph_mode
 
 
@@ -365,12 +373,13 @@ def test_decode_step_makes_no_host_sync_and_one_ring_launch_per_layer(tmp_path, 
     """What a FULL CUDA graph of a decode step needs from razor's forward (with kernel launches
     stubbed, since they run the interpreter here): no device-to-host sync (`item`,
     `_local_scalar_dense`, `is_nonzero`), no tensor built from Python values (`lift_fresh`), and one
-    ring launch per layer over all its local heads, at a padded batch with q_len-0 rows. (The
+    ring launch per layer over all its local heads and one K/V write over all its retrieval heads, at
+    a padded batch with q_len-0 rows. (The
     kernels themselves: tests/kernels/test_ring_rows.py; vLLM's unified_attention is vLLM's.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
     from vllm.forward_context import set_forward_context
 
-    from razor_vllm.kernels import ring_triton, uniform_triton
+    from razor_vllm.kernels import ring_triton, sibling_triton, uniform_triton
 
     h = build(tmp_path, torch.float32, 4, 16, "single")
     assert {layer.impl.strategy.sibling_attention for layer in h.layers.values()} == {"vllm"}
@@ -389,6 +398,7 @@ def test_decode_step_makes_no_host_sync_and_one_ring_launch_per_layer(tmp_path, 
         monkeypatch.setattr(ring_triton, name, Launcher(name))
     for name in ("_reshape_and_cache_kernel", "_razor_attention_kernel"):
         monkeypatch.setattr(uniform_triton, name, Launcher(name))
+    monkeypatch.setattr(sibling_triton, "_write_siblings_kernel", Launcher("_write_siblings_kernel"))
     for layer in h.layers.values():
         if layer.impl.strategy.sibling_attention == "vllm":
             monkeypatch.setattr(layer.impl.strategy, "_unified_attention",
@@ -420,6 +430,9 @@ def test_decode_step_makes_no_host_sync_and_one_ring_launch_per_layer(tmp_path, 
         # the 3 live rows (eager); a captured graph keeps its capture's grid over all 8 rows
         assert ring == [(3, len(spec.local))], f"layer {li}: ring launches {launches}"
         assert not [n_ for n_, _ in launches if "chunk" in n_], launches
-        writes = [n_ for n_, _ in launches if n_ == "_reshape_and_cache_kernel"]
+        writes = [g for n_, g in launches if n_ == "_write_siblings_kernel"]
         attns = [n_ for n_, _ in launches if n_ == "unified_attention"]
-        assert len(writes) == len(attns) == len(spec.retrieval), launches
+        # one write for all the layer's retrieval heads (over the step's tokens), one attention per head
+        assert writes == ([(st.num_tokens, len(spec.retrieval))] if spec.retrieval else []), launches
+        assert len(attns) == len(spec.retrieval), launches
+        assert not [n_ for n_, _ in launches if n_ == "_reshape_and_cache_kernel"], launches
