@@ -13,20 +13,18 @@ tests/kernels/test_ring_step.py).
 from __future__ import annotations
 
 import importlib.util
-import os
 import random
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 from razor_vllm.paths import default_model_dir
 from razor_vllm.config import RazorConfigError
+from support import engine_child
 
 # --------------------------------------------------------------------------------------------------
-# end to end (slow): one spawned engine per configuration, shut down before the next one
+# end to end (slow): one engine per configuration in a long-lived child, shut down before the next one
 # --------------------------------------------------------------------------------------------------
 SMOL = default_model_dir()
 RAZOR = {"head_config": "smollm2-135m-instruct", "window": 64, "sinks": 4}  # P = 160: see the preemption test
@@ -46,19 +44,7 @@ def _prompts(lengths, seed=0):
     return [[rng.randrange(100, 40000) for _ in range(n)] for n in lengths]
 
 
-@dataclass
-class EngineRun:
-    tokens: list[list[int]]
-    preempted: int
-    log: str
-    """The child's stdout + stderr: vLLM's and razor's log lines."""
-
-    @property
-    def kv_capacity(self) -> int:
-        m = re.search(r"KV cache size: ([\d,]+) tokens", self.log)
-        assert m, "no 'KV cache size' line in the engine log"
-        return int(m.group(1).replace(",", ""))
-
+class EngineRun(engine_child.EngineRun):
     def assert_layout(self, kv_layout: str | None) -> None:
         """The layout asked for is the one that ran (None: stock attention, razor absent)."""
         if kv_layout is None:
@@ -70,9 +56,18 @@ class EngineRun:
         assert bool(re.search(r"razor: registered \d+ KV sibling layers", self.log)) == paged, "siblings"
 
 
-def _run(kv_layout: str | None, prompts, new_tokens: int = NEW_TOKENS, **kwargs) -> EngineRun:
-    """One engine (razor with `kv_layout`, or stock when None), run in a child process with the
-    engine core in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """The engine child of this module's runs (tests/support/engine_child.py)."""
+    with engine_child.EngineChild("smollm2", tmp_path_factory.mktemp("engine-logs"), timeout_s=1500) as child:
+        yield child
+
+
+def _run(engine, kv_layout: str | None, prompts, new_tokens: int = NEW_TOKENS, **kwargs) -> EngineRun:
+    """One engine (razor with `kv_layout`, or stock when None), run in the module's engine child
+    with the engine core in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0), shut down before the
+    next run; each run's log is checked on its own (the child logs per run what a fresh process
+    would: see tests/support/engine_child.py).
 
     Why: the compressed past a request sees depends on where its prefill chunks end, i.e. on the
     schedule. With the default background engine core, `generate` sends prompts one by one while
@@ -81,30 +76,6 @@ def _run(kv_layout: str | None, prompts, new_tokens: int = NEW_TOKENS, **kwargs)
     process, `generate` enqueues every prompt before the first step: both layouts get the same
     schedule. The child keeps the in-process engine's side effects (torch threads reduced to 1,
     vLLM's env cache, gc.freeze) out of the test process."""
-    import json
-    import subprocess
-    import sys
-
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    env.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    job = json.dumps(dict(kv_layout=kv_layout, prompts=prompts, new_tokens=new_tokens, kwargs=kwargs))
-    res = subprocess.run([sys.executable, __file__], input=job, env=env, capture_output=True, text=True,
-                         timeout=1500)
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(_RESULT)]
-    assert res.returncode == 0 and lines, (f"engine run failed (exit {res.returncode}):\n"
-                                           f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
-    tokens, preempted = json.loads(lines[-1][len(_RESULT):])
-    run = EngineRun(tokens, preempted, res.stdout + res.stderr)
-    run.assert_layout(kv_layout)
-    return run
-
-
-_RESULT = "RAZOR_TEST_RESULT "
-
-
-def _run_here(kv_layout: str | None, prompts, new_tokens: int, kwargs: dict):
-    from vllm import LLM, SamplingParams, TokensPrompt
-
     # float32: this CPU has no AVX512-BF16, and in bf16 the two layouts' different (both exact)
     # kernels round differently, which flips greedy near-ties on random-token prompts (measured:
     # a 1200-token prompt gives a different first token in bf16 between the stock kernel and the
@@ -114,30 +85,23 @@ def _run_here(kv_layout: str | None, prompts, new_tokens: int, kwargs: dict):
     if kv_layout is not None:
         args.update(attention_backend="razor", additional_config={"razor": dict(RAZOR, kv_layout=kv_layout)})
     args.update(kwargs)
-    llm = LLM(**args)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        # no try/except: a test that asserts on preemptions must fail when it cannot count them
-        preempted = sum(int(m.value) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-        return [list(o.outputs[0].token_ids) for o in outs], preempted
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+    run = engine.run(args, prompts, new_tokens, run_type=EngineRun)
+    run.assert_layout(kv_layout)
+    return run
 
 
 LONG = _prompts([1200, 1000, 1100], seed=1)
 
 
 @_needs_engine
-def test_paged_equals_uniform_one_chunk_prefill():
+def test_paged_equals_uniform_one_chunk_prefill(engine):
     """Whole prompts in one prefill chunk (exact attention), then decode over the compressed past;
     both differ from stock (W = 64 compresses ~1000 tokens), and the paged layout holds > 3x the
     tokens in the same KV space."""
     kw = dict(max_num_batched_tokens=4096)  # every prompt in one chunk, all three in one step
-    uniform = _run("uniform", LONG, **kw)
-    paged = _run("paged", LONG, **kw)
-    stock = _run(None, LONG, **kw)
+    uniform = _run(engine, "uniform", LONG, **kw)
+    paged = _run(engine, "paged", LONG, **kw)
+    stock = _run(engine, None, LONG, **kw)
     assert paged.tokens == uniform.tokens
     assert paged.tokens != stock.tokens, "compression did not change any output: razor did not compress"
     assert uniform.kv_capacity == stock.kv_capacity  # uniform keeps every head in the stock cache
@@ -145,18 +109,18 @@ def test_paged_equals_uniform_one_chunk_prefill():
 
 
 @_needs_engine
-def test_paged_equals_uniform_chunked_prefill():
+def test_paged_equals_uniform_chunked_prefill(engine):
     """256-token prefill chunks (> W = 64): later chunks see the compressed past."""
     kw = dict(max_num_batched_tokens=256, enable_chunked_prefill=True)
-    uniform = _run("uniform", LONG[:2], **kw)
-    paged = _run("paged", LONG[:2], **kw)
-    stock = _run(None, LONG[:2], **kw)
+    uniform = _run(engine, "uniform", LONG[:2], **kw)
+    paged = _run(engine, "paged", LONG[:2], **kw)
+    stock = _run(engine, None, LONG[:2], **kw)
     assert paged.tokens == uniform.tokens
     assert paged.tokens != stock.tokens, "compression did not change any output: razor did not compress"
 
 
 @_needs_engine
-def test_paged_equals_uniform_many_concurrent_mixed_lengths():
+def test_paged_equals_uniform_many_concurrent_mixed_lengths(engine):
     """Ten requests from 40 to 1500 tokens, at most six running, 300-token step budget (smaller than
     most prompts): requests join and leave the batch mid-way, prefill chunks of one request share a
     step with other requests' decodes, and short requests finish while long ones still prefill, so
@@ -164,25 +128,25 @@ def test_paged_equals_uniform_many_concurrent_mixed_lengths():
     CPU platform turns it off, and kv_layout="paged" is CPU-only.)"""
     prompts = _prompts([40, 1500, 300, 64, 900, 257, 1200, 130, 700, 65], seed=3)
     kw = dict(max_num_batched_tokens=300, enable_chunked_prefill=True, max_num_seqs=6)
-    uniform = _run("uniform", prompts, **kw)
-    paged = _run("paged", prompts, **kw)
+    uniform = _run(engine, "uniform", prompts, **kw)
+    paged = _run(engine, "paged", prompts, **kw)
     assert [len(t) for t in paged.tokens] == [NEW_TOKENS] * len(prompts)
     assert paged.tokens == uniform.tokens
 
 
 @_needs_engine
-def test_compiled_mode_equals_eager():
+def test_compiled_mode_equals_eager(engine):
     """vLLM's default compiled mode (torch.compile, what `vllm serve` and the Docker images run
     unless --enforce-eager is given) gives the eager tokens with the paged layout."""
     kw = dict(max_num_batched_tokens=4096)
-    eager = _run("paged", LONG[:2], **kw)
-    compiled = _run("paged", LONG[:2], enforce_eager=False, **kw)
+    eager = _run(engine, "paged", LONG[:2], **kw)
+    compiled = _run(engine, "paged", LONG[:2], enforce_eager=False, **kw)
     assert "enforce_eager=False" in compiled.log and "enforce_eager=True" in eager.log
     assert compiled.tokens == eager.tokens
 
 
 @_needs_engine
-def test_paged_preemption():
+def test_paged_preemption(engine):
     """A pool too small for all requests: decode steps that need a new retrieval block preempt a
     request, which is recomputed later on a fresh (dirty) ring page (start == 0 resets it). Prompts
     end just before a 160-token retrieval-block boundary (window 64 -> P = 160) so decoding needs
@@ -198,8 +162,8 @@ def test_paged_preemption():
     preempt."""
     prompts = _prompts([155, 315, 475, 635], seed=2)
     kw = dict(max_model_len=1024, max_num_batched_tokens=1024)
-    free = _run("uniform", prompts, new_tokens=24, **kw)
-    tight = _run("paged", prompts, new_tokens=24, num_gpu_blocks_override=23, **kw)
+    free = _run(engine, "uniform", prompts, new_tokens=24, **kw)
+    tight = _run(engine, "paged", prompts, new_tokens=24, num_gpu_blocks_override=23, **kw)
     assert tight.preempted > 0, "the tight pool did not preempt: the test no longer covers preemption"
     assert free.preempted == 0
     assert [len(t) for t in tight.tokens] == [24] * 4
@@ -284,11 +248,3 @@ def test_paged_refused_without_hybrid_manager_or_local_heads(tiny, tiny_model):
     with pytest.raises(RazorConfigError, match="kv_layout='uniform'"):
         tiny._make_impl(cfg)
 
-
-if __name__ == "__main__":  # the child of `_run` (a spawning platform: needs the guard)
-    import json
-    import sys
-
-    job = json.loads(sys.stdin.read())
-    result = _run_here(job["kv_layout"], job["prompts"], job["new_tokens"], job["kwargs"])
-    print(_RESULT + json.dumps(result), flush=True)

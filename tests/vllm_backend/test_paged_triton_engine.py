@@ -12,29 +12,23 @@ lengths), so rounding differences between the two fp32 paths cannot flip a token
 one retrieval KV head and one local (compressed) KV head; window 16, sinks 4, so prompts of 20+
 tokens are compressed.
 
-Engines run in two long-lived child processes (`_EngineServer`), one per execution path: the
-`cpu` child (also the stock-attention runs) without the two variables, the `triton` child with them.
-Each child imports vLLM once (~12 s) and builds one `LLM` per job, shut down before the next; the
-engine core runs in process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `generate` enqueues every prompt
-before the first step and both paths get the same schedule (tests/vllm_backend/test_backend_paged.py
-`_run` explains why that matters).
+Engines run in two long-lived child processes (tests/support/engine_child.py `EngineChild`), one
+per execution path: the `cpu` child (also the stock-attention runs) without the two variables, the
+`triton` child with them. Each child imports vLLM once (~12 s) and builds one `LLM` per job, shut
+down before the next; the engine core runs in process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so
+`generate` enqueues every prompt before the first step and both paths get the same schedule
+(tests/vllm_backend/test_backend_paged.py `_run` explains why that matters).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import random
 import re
-import select
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+
+from support import engine_child
 
 NUM_LAYERS, NUM_KV_HEADS = 2, 2
 RETRIEVAL = [[0], [1]]  # every layer: one retrieval KV head, one local head
@@ -42,6 +36,7 @@ VOCAB = 512
 RAZOR = {"window": 16, "sinks": 4, "kv_layout": "paged"}
 NEW_TOKENS = 8
 JOB_TIMEOUT_S = 600
+TRITON_ENV = {"RAZOR_VLLM_EXECUTION": "triton", "TRITON_INTERPRET": "1"}
 
 pytestmark = [
     pytest.mark.slow,
@@ -82,17 +77,10 @@ def _prompts(lengths, seed=0):
     return [[rng.randrange(VOCAB) for _ in range(n)] for n in lengths]
 
 
-@dataclass
-class EngineRun:
-    tokens: list[list[int]]
-    preempted: int
-    log: str
-    """The engine's stdout + stderr: vLLM's and razor's log lines."""
-    seconds: float
-
+class EngineRun(engine_child.EngineRun):
     def assert_path(self, execution: str | None) -> None:
         """razor ran the paged layout on `execution` (None: stock attention, razor absent)."""
-        # (razor's policy and layout lines are logged once per child process: not asserted here)
+        # (razor's policy and layout lines: tests/vllm_backend/test_backend_paged.py asserts them)
         m = re.search(r"razor: paged layout runs (.*)", self.log)
         if execution is None:
             assert m is None and "razor_vllm.vllm.backend.RazorAttentionBackend" not in self.log, \
@@ -103,70 +91,12 @@ class EngineRun:
         assert triton == (execution == "triton"), f"expected the {execution} path; the log says {m.group(0)!r}"
 
 
-_RESULT = "RAZOR_TEST_RESULT "
-
-
-class _EngineServer:
-    """A child process (this file as a script) that runs engine jobs read from its stdin, one JSON
-    line each, and answers one result line each; each job's log goes to its own file."""
-
-    def __init__(self, execution: str, log_dir: Path) -> None:
-        self.execution, self.log_dir, self.jobs = execution, log_dir, 0
-        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
-        env.pop("RAZOR_VLLM_EXECUTION", None)
-        env.pop("TRITON_INTERPRET", None)
-        if execution == "triton":
-            env.update(RAZOR_VLLM_EXECUTION="triton", TRITON_INTERPRET="1")
-        self.boot_log = log_dir / f"{execution}-boot.log"
-        with open(self.boot_log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=err, env=env, text=True, bufsize=1)
-
-    def run(self, model, razor: dict | None, prompts, new_tokens: int, kwargs: dict) -> EngineRun:
-        if self.proc.poll() is not None:
-            pytest.fail(f"the {self.execution} engine child exited earlier ({self.proc.returncode}): "
-                        f"{self.boot_log}")
-        self.jobs += 1
-        log = self.log_dir / f"{self.execution}-{self.jobs}.log"
-        job = dict(model=model, razor=razor, prompts=prompts, new_tokens=new_tokens, kwargs=kwargs, log=str(log))
-        t0 = time.monotonic()
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-        line = ""
-        while not line.startswith(_RESULT):
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, t0 + JOB_TIMEOUT_S - time.monotonic()))
-            line = self.proc.stdout.readline() if ready else ""
-            if not line:  # timeout or the child died
-                self.kill()
-                text = log.read_text() if log.exists() else self.boot_log.read_text()
-                pytest.fail(f"{self.execution} engine job failed (child exit {self.proc.returncode}):\n"
-                            f"{text[-8000:]}")
-        res = json.loads(line[len(_RESULT):])
-        text = log.read_text()
-        if "error" in res:
-            pytest.fail(f"{self.execution} engine job raised:\n{text[-4000:]}\n{res['error']}")
-        return EngineRun(res["tokens"], res["preempted"], text, time.monotonic() - t0)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    def close(self) -> None:
-        """End of the module: the child ends when its stdin closes."""
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     logs = tmp_path_factory.mktemp("engine-logs")
-    out = {ex: _EngineServer(ex, logs) for ex in ("cpu", "triton")}  # both import vLLM at once
+    # both import vLLM at once; the cpu child without the triton variables (conftest sets TRITON_INTERPRET)
+    out = {"cpu": engine_child.EngineChild("cpu", logs, {k: None for k in TRITON_ENV}, JOB_TIMEOUT_S),
+           "triton": engine_child.EngineChild("triton", logs, TRITON_ENV, JOB_TIMEOUT_S)}
     yield out
     for s in out.values():
         s.close()
@@ -175,8 +105,12 @@ def servers(tmp_path_factory):
 def _run(servers, model, execution: str | None, prompts, new_tokens: int = NEW_TOKENS, **kwargs) -> EngineRun:
     """razor paged on `execution` ("cpu" / "triton"), or stock attention (None, in the cpu child)."""
     model_dir, heads = model
-    razor = None if execution is None else dict(RAZOR, head_config=heads)
-    run = servers[execution or "cpu"].run(model_dir, razor, prompts, new_tokens, kwargs)
+    args = dict(model=model_dir, dtype="float32", max_model_len=1024, enforce_eager=True, skip_tokenizer_init=True,
+                enable_prefix_caching=False, max_num_seqs=4, seed=0, disable_log_stats=False)
+    if execution is not None:
+        args.update(attention_backend="razor", additional_config={"razor": dict(RAZOR, head_config=heads)})
+    args.update(kwargs)
+    run = servers[execution or "cpu"].run(args, prompts, new_tokens, dict(detokenize=False), run_type=EngineRun)
     run.assert_path(execution)
     assert [len(t) for t in run.tokens] == [new_tokens] * len(prompts)
     return run
@@ -238,58 +172,3 @@ def test_triton_equals_cpu_preemption(servers, tiny_model):
     assert cpu.preempted > 0, "the tight pool did not preempt: the test no longer covers preemption"
     assert triton.preempted == cpu.preempted
 
-
-# --------------------------------------------------------------------------------------------------
-# the child
-# --------------------------------------------------------------------------------------------------
-def _run_job(model: str, razor: dict | None, prompts, new_tokens: int, kwargs: dict):
-    from vllm import LLM, SamplingParams, TokensPrompt
-
-    args = dict(model=model, dtype="float32", max_model_len=1024, enforce_eager=True, skip_tokenizer_init=True,
-                enable_prefix_caching=False, max_num_seqs=4, seed=0, disable_log_stats=False)
-    if razor is not None:
-        args.update(attention_backend="razor", additional_config={"razor": razor})
-    args.update(kwargs)
-    llm = LLM(**args)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        # no try/except: a test that asserts on preemptions must fail when it cannot count them
-        preempted = sum(int(m.value) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-        return [list(o.outputs[0].token_ids) for o in outs], preempted
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-
-
-def _serve() -> None:
-    import gc
-    import traceback
-
-    # Result lines only on the pipe (one per job, nothing buffered past it): fd 1 goes to stderr (the
-    # boot log) until the first job, then fds 1 and 2 to each job's log file.
-    results = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    import vllm  # noqa: F401  (the ~12 s import, overlapped with the other child's)
-
-    for line in sys.stdin:
-        job = json.loads(line)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        try:
-            tokens, preempted = _run_job(job["model"], job["razor"], job["prompts"], job["new_tokens"], job["kwargs"])
-            res = dict(tokens=tokens, preempted=preempted)
-        except Exception:
-            res = dict(error=traceback.format_exc())
-        sys.stdout.flush()
-        sys.stderr.flush()
-        gc.collect()
-        results.write(_RESULT + json.dumps(res) + "\n")
-
-
-if __name__ == "__main__":  # an `_EngineServer` child (a spawning platform: needs the guard)
-    _serve()
