@@ -125,12 +125,17 @@ class PagedTriton:
         """Causal attention of G query heads over one retrieval sibling (caches `[blocks, 1, P, D]`
         views, already holding this step's K/V)."""
         if self.sibling_attention == "vllm":
-            # unified_attention reads [blocks, block_size, kv_heads, D]; a view of the same bytes
+            # unified_attention reads [blocks, block_size, kv_heads, D]: a view of the same bytes.
+            # smd is TRITON_ATTN's own metadata (siblings.retrieval_triton_backend): its split-KV
+            # decode scratch and segment choice come from vLLM's builder, as for TRITON_ATTN layers.
             self._unified_attention(
                 q=q, k=key_cache.transpose(1, 2), v=value_cache.transpose(1, 2), out=out,
                 cu_seqlens_q=smd.query_start_loc, max_seqlen_q=smd.max_query_len, seqused_k=smd.seq_lens,
                 max_seqlen_k=smd.max_seq_len, softmax_scale=self.impl.scale, causal=True, window_size=(-1, -1),
-                block_table=smd.block_table, softcap=0, q_descale=None, k_descale=None, v_descale=None)
+                block_table=smd.block_table, softcap=0, q_descale=None, k_descale=None, v_descale=None,
+                seq_threshold_3D=smd.seq_threshold_3D, num_par_softmax_segments=smd.num_par_softmax_segments,
+                softmax_segm_output=smd.softmax_segm_output, softmax_segm_max=smd.softmax_segm_max,
+                softmax_segm_expsum=smd.softmax_segm_expsum)
             return
         device = q.device
         no_local = self._all_retrieval.get(device)

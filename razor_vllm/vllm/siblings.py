@@ -8,6 +8,7 @@ like any attention layer; the main layer's impl reads and writes their caches.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -98,21 +99,50 @@ class RazorRetrievalKVBackend(CPUAttentionBackend):
 
 
 class RazorRetrievalPageKVBackend(RazorPageKVBackend):
-    """Retrieval siblings on the `triton` path: block table, sequence lengths and slot mapping for
-    the Triton writer and attention (`forward_paged_triton`)."""
+    """Retrieval siblings on the `triton` path with razor's own sibling attention (where vLLM has no
+    Triton): block table, sequence lengths and slot mapping for the Triton writer and attention
+    (`forward_paged_triton`)."""
 
     @staticmethod
     def get_name() -> str:
         return "RAZOR_RETRIEVAL_KV"
 
 
+@functools.cache
+def retrieval_triton_backend() -> type[AttentionBackend]:
+    """Retrieval siblings on the `triton` path with vLLM's `unified_attention`: vLLM's TRITON_ATTN
+    backend with its metadata builder kept (the split-KV decode's persistent scratch, the segment
+    choice, CUDA-graph support ALWAYS), so `attn_metadata[sibling]` is a ready
+    `TritonAttentionMetadata` for (G query heads, 1 KV head). Defined on first use: the module imports
+    vLLM's Triton backend."""
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    class RazorRetrievalTritonKVBackend(TritonAttentionBackend):
+        @staticmethod
+        def get_name() -> str:
+            return "RAZOR_RETRIEVAL_KV"
+
+        @staticmethod
+        def get_impl_cls():
+            _no_impl()
+
+        @classmethod
+        def customize_spec(cls, spec):
+            # razor planned this spec (page size, grouping); vLLM's own customization would change it
+            return spec
+
+    return RazorRetrievalTritonKVBackend
+
+
 def sibling_backend(kind: SiblingKind) -> type[AttentionBackend]:
     """The metadata backend of a sibling kind. One class per kind: the runner dedupes attention
     groups by class name, so this keeps one attention group per KV cache group."""
     if kind == "retrieval":
-        from razor_vllm.vllm.execution import resolve_execution
+        from razor_vllm.vllm.execution import resolve_execution, resolve_sibling_attention
 
-        return RazorRetrievalKVBackend if resolve_execution() == "cpu" else RazorRetrievalPageKVBackend
+        if resolve_execution() == "cpu":
+            return RazorRetrievalKVBackend
+        return retrieval_triton_backend() if resolve_sibling_attention() == "vllm" else RazorRetrievalPageKVBackend
     return RazorPageKVBackend
 
 

@@ -404,6 +404,13 @@ def test_decode_step_makes_no_host_sync_and_one_ring_launch_per_layer(tmp_path, 
             monkeypatch.setattr(layer.impl.strategy, "_unified_attention",
                                 lambda **kw: launches.append(("unified_attention", ())))
     st = step_metadata(h, reqs, [(0, 1), (1, 1), (2, 1)], pad_rows=5)  # padded to a graph size of 8
+    # the retrieval siblings carry vLLM's own TRITON_ATTN metadata (its builder's split-KV scratch);
+    # at 3 decoding requests unified_attention takes its 3D split-KV path
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadata
+
+    sib = next(r.name for li in range(NUM_LAYERS) for r in h.layout.layer(li).retrieval)
+    assert isinstance(st.md[sib], TritonAttentionMetadata), type(st.md[sib])
+    assert st.md[sib].seq_threshold_3D >= 3 and st.md[sib].softmax_segm_output.shape[1] == G
 
     class Audit(TorchDispatchMode):
         ops: list = []
