@@ -85,9 +85,14 @@ def run_demo(args: argparse.Namespace) -> int:
     sample = tasks.make_sample("passkey", args.length, args.depth, args.seed, tok)
 
     log = Path(args.log)
+    # The whole prompt is one engine step; vLLM kills the engine when a step outlives
+    # VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (300 s), which a 16k prompt on a small CPU does (measured:
+    # Qwen2.5-0.5B, 16k tokens, 2 cores). The demo waits --request-timeout for its answer anyway.
+    env = {} if "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS" in os.environ else {
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": str(max(300, int(args.request_timeout)))}
     server = RazorServer(model_dir, razor=razor, served_model_name=name, max_model_len=args.max_model_len,
                          max_num_batched_tokens=args.max_model_len, kv_cache_space_gib=args.kv_cache_space,
-                         log_path=log, startup_timeout=args.startup_timeout)
+                         log_path=log, startup_timeout=args.startup_timeout, env=env)
     record: dict = {"model": name, "backend": args.backend, "razor": razor}
     try:
         server.start()
@@ -113,6 +118,9 @@ def run_demo(args: argparse.Namespace) -> int:
         record.update(_report_kv(server, razor is not None, args, failures))
     except (ServerError, openai.OpenAIError) as e:
         failures.append(f"{type(e).__name__}: {e}")
+        fatal = _engine_fatal_error(server.log_text())
+        if fatal:
+            failures.append(fatal)
     finally:  # also on Ctrl-C: never leave a server behind
         clean = server.stop()
     code = server.proc.returncode if server.proc else None
@@ -128,6 +136,18 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     print("demo OK")
     return 0
+
+
+def _engine_fatal_error(log: str) -> str | None:
+    """Why the engine died, from the server log, with the fix where there is a known one."""
+    if "EngineCore encountered a fatal error" not in log:
+        return None
+    if "shm_broadcast" in log and "No available shared memory broadcast block" in log:
+        return ("the engine died: one model step outlived VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (a long prompt "
+                "prefilled in one step on a slow CPU); raise it, e.g. VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS=1800, "
+                "or use a shorter --length")
+    line = next(ln for ln in log.splitlines() if "EngineCore encountered a fatal error" in ln)
+    return f"the engine died: {line.strip()}"
 
 
 def _report_kv(server, razor: bool, args: argparse.Namespace, failures: list[str]) -> dict:

@@ -44,3 +44,18 @@ def test_demo_exits_1_on_a_wrong_answer(smollm2_dir, tmp_path):
     assert r.returncode == 1, r.stdout[-3000:]
     assert "demo FAILED" in r.stdout and not rec["correct"]
     assert any("wrong answer" in f for f in rec["failures"]) and rec["clean_shutdown"]
+
+
+def test_a_dead_engine_is_explained_from_the_server_log():
+    """vLLM's own log lines when a step outlives VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (as seen with a
+    16k-token prompt on this CPU): the demo names the variable to raise instead of only the client's
+    'Connection error'."""
+    from razor_vllm.serve.demo import _engine_fatal_error
+
+    log = ("(EngineCore pid=1) INFO [shm_broadcast.py:871] No available shared memory broadcast block found in 60 "
+           "seconds. This typically happens when some processes are hanging...\n"
+           "(EngineCore pid=1) ERROR [core.py:1512] EngineCore encountered a fatal error.\n")
+    assert "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS" in _engine_fatal_error(log)
+    other = "(EngineCore pid=1) ERROR [core.py:1512] EngineCore encountered a fatal error.\nKeyError: x\n"
+    assert _engine_fatal_error(other).startswith("the engine died: (EngineCore pid=1) ERROR")
+    assert _engine_fatal_error("INFO all fine") is None
