@@ -30,7 +30,8 @@ mkdir -p out
 export RAZOR_CHECK_CUDA_REPORT=out/check_cuda_cudagraph.json
 rm -f "$RAZOR_CHECK_CUDA_REPORT"
 rc=0
-"$SIDE/bin/python" -m pytest -q -ra -p no:cacheprovider --junitxml out/check_cuda.xml tests/cuda "$@" || rc=$?
+"$SIDE/bin/python" -m pytest -q -ra -p no:cacheprovider --junitxml out/check_cuda.xml tests/cuda \
+  tests/vllm_backend/test_layout.py "$@" || rc=$?  # the planner tests, against 0.33's planner (compat.py)
 "$SIDE/bin/python" -m benchmarks.capacity_shapes --out out/capacity_shapes_vllm$VLLM_CUDA_VERSION.json || rc=$((rc ? rc : 1))
 # the last line: test counts and the CUDA-graph mode vLLM 0.33's resolver keeps for razor's builders
 "$SIDE/bin/python" - "$VLLM_CUDA_VERSION" <<'PYEOF'

@@ -62,7 +62,7 @@ _CONFIGS: dict = {}
 def vllm_config(model_dir, max_model_len: int, max_num_batched_tokens: int | None = None):
     key = (max_model_len, max_num_batched_tokens)
     if key not in _CONFIGS:
-        from vllm.config import ModelConfig, SchedulerConfig, VllmConfig
+        from vllm.config import DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
 
         mc = ModelConfig(model=str(model_dir), skip_tokenizer_init=True, max_model_len=max_model_len)
         kw = {}
@@ -70,18 +70,23 @@ def vllm_config(model_dir, max_model_len: int, max_num_batched_tokens: int | Non
             kw["scheduler_config"] = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                                      max_model_len=max_model_len,
                                                      is_encoder_decoder=False)
-        vc = VllmConfig(model_config=mc, **kw)
+        # the planner is device-agnostic; naming the device keeps the CUDA wheel (check-cuda runs these
+        # tests against 0.33's planner) from probing for a GPU
+        vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), **kw)
         vc.cache_config.kv_cache_layout = "LBHNC"  # what the CPU backend resolves to
+        vc.scheduler_config.disable_hybrid_kv_cache_manager = False  # as razor's engine check requires
         _CONFIGS[key] = vc
     return _CONFIGS[key]
 
 
 def run_planner(vc, specs: dict, memory: int = 2 * GiB):
     """vLLM's planning as the engine core runs it: groups, per-worker config, capacity."""
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity, get_kv_cache_configs
+    # through the compat module, so these tests hold for whichever planner is installed (0.32 here,
+    # 0.33 in check-cuda's side venv)
+    from razor_vllm.vllm.compat import kv_cache_capacity, kv_cache_config
 
-    cfg = get_kv_cache_configs(vc, [dict(specs)], [memory])[0]
-    tokens, conc = get_kv_cache_capacity(vc, cfg)
+    cfg = kv_cache_config(vc, specs, memory)
+    tokens, conc = kv_cache_capacity(vc, cfg)
     return cfg, tokens, conc
 
 
@@ -262,8 +267,9 @@ def test_all_retrieval_is_refused():
 def test_group_rule_mirror_matches_vllm(model_dir):
     """`vllm_group_counts` against `_get_kv_cache_groups_uniform_page_size` on bucket sizes that hit
     both branches of the 1.5 rule (the rule decides where padding pages are needed)."""
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
     from vllm.v1.kv_cache_interface import CircularBufferSpec, FullAttentionSpec
+
+    from razor_vllm.vllm.compat import kv_cache_groups
 
     vc = vllm_config(model_dir, 8192)
     for n_f, n_r in [(14, 30), (14, 76), (38, 32), (50, 32), (20, 25), (3, 30), (10, 10)]:
@@ -271,7 +277,7 @@ def test_group_rule_mirror_matches_vllm(model_dir):
                  for i in range(n_f)}
         specs.update({f"model.layers.{i}.r": CircularBufferSpec(block_size=32, num_kv_heads=1, head_size=64,
                                                                  dtype=BF16) for i in range(n_r)})
-        groups = get_kv_cache_groups(vc, specs)
+        groups = kv_cache_groups(vc, specs)
         g, counts = kvl.vllm_group_counts({"retrieval": n_f, "ring": n_r})
         real = {"retrieval": sum(isinstance(x.kv_cache_spec, FullAttentionSpec) for x in groups),
                 "ring": sum(isinstance(x.kv_cache_spec, CircularBufferSpec) for x in groups)}
