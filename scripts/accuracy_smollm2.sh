@@ -18,6 +18,7 @@ LENGTH=${LENGTH:-4096}
 N=${N:-100}
 TASKS=${TASKS:-passkey,niah_single,niah_multikey,niah_multivalue}
 OUT=docs/results/accuracy/${MODEL}_${LENGTH}.jsonl
+# shellcheck disable=SC2054  # the commas are the eval's value lists, not array separators
 if [ "${STAGE:-1}" = 2 ]; then
   GRID=(--sinks 64,4 --window 256 --compensation single --induction-ratio 0.14)
 else

@@ -14,12 +14,12 @@ PY=.venv/bin/python
 [ -x "$PY" ] || bash scripts/setup.sh
 if [ ! -x "$SIDE/bin/python" ] || ! "$SIDE/bin/python" -c "import importlib.metadata as m; assert m.version('vllm') == '$VLLM_CUDA_VERSION'" 2>/dev/null; then
   mkdir -p "$CACHE/wheels"
-  ls "$CACHE/wheels"/vllm-"$VLLM_CUDA_VERSION"-*.whl >/dev/null 2>&1 || \
+  ls "$CACHE/wheels/vllm-$VLLM_CUDA_VERSION"-*.whl >/dev/null 2>&1 || \
     "$PY" -m pip download -q --no-deps "vllm==$VLLM_CUDA_VERSION" -d "$CACHE/wheels"
   rm -rf "$SIDE"
   "$(readlink -f "$PY")" -m venv --without-pip "$SIDE"
   "$PY" -m pip install -q --no-deps --no-compile --target "$SIDE/lib/python3.11/site-packages" \
-    "$CACHE/wheels"/vllm-"$VLLM_CUDA_VERSION"-*.whl
+    "$CACHE/wheels/vllm-$VLLM_CUDA_VERSION"-*.whl
 fi
 SITE=$(cd .venv/lib/python3.11/site-packages && pwd)
 echo "import site; site.addsitedir('$SITE')" > "$SIDE/lib/python3.11/site-packages/razor_project_venv.pth"
@@ -32,7 +32,7 @@ rm -f "$RAZOR_CHECK_CUDA_REPORT"
 rc=0
 "$SIDE/bin/python" -m pytest -q -ra -p no:cacheprovider --junitxml out/check_cuda.xml tests/cuda \
   tests/vllm_backend/test_layout.py "$@" || rc=$?  # the planner tests, against 0.33's planner (compat.py)
-"$SIDE/bin/python" -m benchmarks.capacity_shapes --out out/capacity_shapes_vllm$VLLM_CUDA_VERSION.json || rc=$((rc ? rc : 1))
+"$SIDE/bin/python" -m benchmarks.capacity_shapes --out "out/capacity_shapes_vllm$VLLM_CUDA_VERSION.json" || rc=$((rc ? rc : 1))
 # the last line: test counts and the CUDA-graph mode vLLM 0.33's resolver keeps for razor's builders
 "$SIDE/bin/python" - "$VLLM_CUDA_VERSION" <<'PYEOF'
 import json, pathlib, sys

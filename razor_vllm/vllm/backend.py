@@ -215,7 +215,7 @@ class RazorAttentionImpl(CPUAttentionBackendImpl):
                                       query_dtype=self._vllm_config.model_config.dtype)
                 self.strategy = PagedCPU(self, self.layout, decoder)
             else:
-                self.strategy = PagedTriton(self, self.layout, resolve_sibling_attention())
+                self.strategy = PagedTriton(self, self.layout, resolve_sibling_attention(head_size))
         elif self.execution == "cpu":
             self.strategy = UniformCPU(self)
         else:

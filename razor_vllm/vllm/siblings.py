@@ -108,16 +108,30 @@ class RazorRetrievalPageKVBackend(RazorPageKVBackend):
         return "RAZOR_RETRIEVAL_KV"
 
 
-@functools.cache
-def retrieval_triton_backend() -> type[AttentionBackend]:
-    """Retrieval siblings on the `triton` path with vLLM's `unified_attention`: vLLM's TRITON_ATTN
-    backend with its metadata builder kept (the split-KV decode's persistent scratch, the segment
-    choice, CUDA-graph support ALWAYS), so `attn_metadata[sibling]` is a ready
-    `TritonAttentionMetadata` for (G query heads, 1 KV head). Defined on first use: the module imports
-    vLLM's Triton backend."""
-    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+def vllm_attention_backend(attention: str) -> type[AttentionBackend]:
+    """vLLM's own backend class for `flash_attn` / `triton_attn` (imported on first use)."""
+    if attention == "flash_attn":
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
-    class RazorRetrievalTritonKVBackend(TritonAttentionBackend):
+        return FlashAttentionBackend
+    if attention == "triton_attn":
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+        return TritonAttentionBackend
+    raise ValueError(f"{attention!r} is not one of vLLM's backends razor uses for siblings")
+
+
+@functools.cache
+def retrieval_vllm_backend(attention: str) -> type[AttentionBackend]:
+    """Retrieval siblings on the `triton` path served by vLLM's own attention (`flash_attn` or
+    `triton_attn`): that backend with its metadata builder kept (FlashAttention's scheduler metadata
+    and split count, or TRITON_ATTN's split-KV scratch and segment choice; the builder's own CUDA-graph
+    support), so `attn_metadata[sibling]` is what vLLM's impl for (G query heads, 1 KV head) takes.
+    Its cache `[blocks, 1, P, 2D]` is the layout both backends declare
+    (`[num_blocks, num_kv_heads, block_size, 2 * head_size]`)."""
+    base = vllm_attention_backend(attention)
+
+    class RazorRetrievalVllmKVBackend(base):
         @staticmethod
         def get_name() -> str:
             return "RAZOR_RETRIEVAL_KV"
@@ -131,10 +145,11 @@ def retrieval_triton_backend() -> type[AttentionBackend]:
             # razor planned this spec (page size, grouping); vLLM's own customization would change it
             return spec
 
-    return RazorRetrievalTritonKVBackend
+    RazorRetrievalVllmKVBackend.__qualname__ = f"RazorRetrievalVllmKVBackend[{base.get_name()}]"
+    return RazorRetrievalVllmKVBackend
 
 
-def sibling_backend(kind: SiblingKind) -> type[AttentionBackend]:
+def sibling_backend(kind: SiblingKind, head_size: int) -> type[AttentionBackend]:
     """The metadata backend of a sibling kind. One class per kind: the runner dedupes attention
     groups by class name, so this keeps one attention group per KV cache group."""
     if kind == "retrieval":
@@ -142,7 +157,8 @@ def sibling_backend(kind: SiblingKind) -> type[AttentionBackend]:
 
         if resolve_execution() == "cpu":
             return RazorRetrievalKVBackend
-        return retrieval_triton_backend() if resolve_sibling_attention() == "vllm" else RazorRetrievalPageKVBackend
+        attention = resolve_sibling_attention(head_size)
+        return RazorRetrievalPageKVBackend if attention == "razor" else retrieval_vllm_backend(attention)
     return RazorPageKVBackend
 
 
@@ -164,7 +180,7 @@ class RazorKVSibling(nn.Module, AttentionLayerBase):
         return self.spec
 
     def get_attn_backend(self):
-        return sibling_backend(self.kind)
+        return sibling_backend(self.kind, self.spec.head_size)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError(f"{self.layer_name} is a razor KV sibling (cache only), not callable")

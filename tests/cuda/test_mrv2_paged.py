@@ -5,7 +5,10 @@ What runs is the production wheel's own code from spec collection to the forward
 impls built by vLLM's `Attention`, `get_kv_cache_spec`, the planner, `init_attn_backend` (attention
 groups, kernel block sizes, the builders' CUDA-graph support), `init_kv_cache` (one storage for every
 cache), `build_attn_metadata` and `build_slot_mappings_by_layer` every step, `set_forward_context`;
-then razor's `PagedTriton` forward, whose retrieval siblings run vLLM's own Triton `unified_attention`.
+then razor's `PagedTriton` forward, whose retrieval siblings run vLLM's own TritonAttentionImpl
+(`unified_attention`) with TRITON_ATTN's metadata; one configuration runs them through vLLM's own
+FlashAttentionImpl and FLASH_ATTN builder, with only FlashAttention's CUDA kernel replaced by a PyTorch
+reference (`_flash_attention_reference`: FlashAttention cannot run on this machine).
 What stands in for the rest of the engine is a schedule written here (the scheduler's block
 allocation, slot mappings, decode-first order, CUDA-graph padding rows and a dummy batch on null
 blocks).
@@ -305,9 +308,57 @@ def _assert_same_state(region, replay, ring, *, exact_sums: bool, what: str) -> 
         torch.testing.assert_close(vs, rvs, rtol=1e-5, atol=1e-4, msg=lambda m: f"{what}: V sum: {m}")
 
 
+def _flash_attention_reference(monkeypatch) -> list:
+    """FlashAttention's kernels are CUDA-only (no interpreter), so on this machine vLLM's own
+    FlashAttentionImpl and FLASH_ATTN metadata builder run as on an FA2 GPU and only the kernel call
+    (`_FA4_DENSE_ATTENTION_KERNEL`, which dispatches to `flash_attn_varlen_func`) is replaced: by paged
+    causal attention in PyTorch that first checks the contract the arguments must meet (unit stride on
+    the last dim, caches as `[blocks, block_size, 1 KV head, D]` views, int32 block tables, causal, no
+    window, no softcap). It shows what razor hands FlashAttention and that vLLM's impl and builder take
+    razor's siblings; not that the compiled kernel runs (that needs a GPU with vLLM). Returns the calls."""
+    from vllm.v1.attention.backends import flash_attn as fa
+
+    from razor_vllm.vllm import execution
+
+    monkeypatch.setattr(execution, "flash_attn_unavailable", lambda head_size: None)
+    monkeypatch.setattr(fa, "get_flash_attn_version", lambda *a, **kw: 2)
+    calls = []
+
+    def kernel(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, causal,
+               alibi_slopes, window_size, block_table, softcap, scheduler_metadata, fa_version, num_splits,
+               s_aux=None, dynamic_causal=None, mask_mod=None, aux_tensors=None, **descales):
+        assert fa_version == 2 and causal is True and alibi_slopes is None and not softcap and s_aux is None
+        assert window_size is None or list(window_size) == [-1, -1], window_size
+        assert dynamic_causal is None and mask_mod is None and scheduler_metadata is None  # FA2: no AOT plan
+        assert all(t.stride(-1) == 1 for t in (q, k, v, out)), "FlashAttention needs unit stride on head_dim"
+        assert k.dim() == 4 and k.shape[2] == 1 and k.shape[3] == q.shape[2] and v.shape == k.shape, k.shape
+        assert block_table.dtype == torch.int32 and seqused_k.dtype == torch.int32
+        page = k.shape[1]
+        num_reqs = cu_seqlens_q.shape[0] - 1
+        for i in range(num_reqs):
+            t0, t1, n_k = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(seqused_k[i])
+            if t1 == t0:
+                continue
+            assert n_k <= max_seqlen_k and t1 - t0 <= max_seqlen_q
+            pos = torch.arange(n_k)
+            blocks = block_table[i, pos // page].long()
+            kk, vv = k[blocks, pos % page, 0].float(), v[blocks, pos % page, 0].float()  # [n_k, D]
+            qq = q[t0:t1].float()  # [c, G, D]
+            s = torch.einsum("cgd,kd->gck", qq, kk) * softmax_scale
+            qpos = n_k - (t1 - t0) + torch.arange(t1 - t0)
+            s = s.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
+            out[t0:t1] = torch.einsum("gck,kd->cgd", s.softmax(-1), vv).to(out.dtype)
+        calls.append((num_reqs, int(max_seqlen_q)))
+        return out
+
+    monkeypatch.setattr(fa, "_FA4_DENSE_ATTENTION_KERNEL", kernel)
+    return calls
+
+
 CONFIGS = {  # id -> (dtype, sinks, window, compensation, retrieval siblings' attention)
-    "fp32-S4-W8-single": (torch.float32, 4, 8, "single", "vllm"),
-    "fp32-S0-W8-count": (torch.float32, 0, 8, "count", "vllm"),
+    "fp32-S4-W8-single": (torch.float32, 4, 8, "single", "triton_attn"),
+    "fp32-S0-W8-count": (torch.float32, 0, 8, "count", "triton_attn"),
+    "fp32-S4-W8-single-flash-attn-plumbing": (torch.float32, 4, 8, "single", "flash_attn"),
     "fp32-S2-W1-single-razor-siblings": (torch.float32, 2, 1, "single", "razor"),
     # vLLM's unified_attention is wrong in bf16 under the Triton interpreter (measured: errors ~8e8 on
     # the retrieval heads, exact in fp32; razor's own kernels upcast bf16 dots when interpreted), so
@@ -322,8 +373,14 @@ def test_schedule_replays_against_the_oracle_and_ring_step(config, tmp_path, mon
     from razor_vllm.vllm import execution
 
     monkeypatch.setenv(execution.SIBLING_ENV, siblings)
+    fa_calls = _flash_attention_reference(monkeypatch) if siblings == "flash_attn" else None
     h = build(tmp_path, dtype, sinks, window, compensation)
     assert {layer.impl.strategy.sibling_attention for layer in h.layers.values()} == {siblings}
+    if siblings != "razor":  # vLLM's own impl and its own builder's metadata serve the siblings
+        from razor_vllm.vllm.siblings import vllm_attention_backend
+
+        impl_cls = vllm_attention_backend(siblings).get_impl_cls()
+        assert all(type(layer.impl.strategy._sibling_impl) is impl_cls for layer in h.layers.values())
     reqs = {i: Req() for i in range(4)}
     # prefill: a chunk longer than W (and than a page), a chunk shorter than a block
     run_step(h, reqs, [(0, 40), (1, 5)], seed=1)
@@ -340,6 +397,18 @@ def test_schedule_replays_against_the_oracle_and_ring_step(config, tmp_path, mon
     run_step(h, reqs, [(0, 1), (2, 1), (3, 33)], seed=51)
     run_step(h, reqs, [(3, 1), (1, 3)], seed=52)
     assert reqs[0].length > sinks + window + 20 and reqs[1].length > sinks + window
+    if siblings != "razor":
+        import importlib
+
+        module, name = {"triton_attn": ("triton_attn", "TritonAttentionMetadata"),
+                        "flash_attn": ("flash_attn", "FlashAttentionMetadata")}[siblings]
+        md_cls = getattr(importlib.import_module(f"vllm.v1.attention.backends.{module}"), name)
+        st = step_metadata(h, reqs, [(0, 1), (3, 1)])
+        sib = next(r.name for li in range(NUM_LAYERS) for r in h.layout.layer(li).retrieval)
+        assert isinstance(st.md[sib], md_cls), type(st.md[sib])
+    if fa_calls is not None:  # one FlashAttention call per retrieval head, layer and (non-dummy) step
+        n_retr = sum(len(h.layout.layer(li).retrieval) for li in range(NUM_LAYERS))
+        assert len(fa_calls) % n_retr == 0 and len(fa_calls) >= 8 * n_retr, len(fa_calls)
 
 
 def test_builders_keep_full_and_piecewise_cuda_graphs(tmp_path):
@@ -382,7 +451,7 @@ def test_decode_step_makes_no_host_sync_and_one_ring_launch_per_layer(tmp_path, 
     from razor_vllm.kernels import ring_triton, sibling_triton, uniform_triton
 
     h = build(tmp_path, torch.float32, 4, 16, "single")
-    assert {layer.impl.strategy.sibling_attention for layer in h.layers.values()} == {"vllm"}
+    assert {layer.impl.strategy.sibling_attention for layer in h.layers.values()} == {"triton_attn"}
     reqs = {i: Req() for i in range(3)}
     run_step(h, reqs, [(0, 20), (1, 5), (2, 9)], seed=1)  # real kernels: the descriptor tables exist
     launches = []
@@ -399,10 +468,10 @@ def test_decode_step_makes_no_host_sync_and_one_ring_launch_per_layer(tmp_path, 
     for name in ("_reshape_and_cache_kernel", "_razor_attention_kernel"):
         monkeypatch.setattr(uniform_triton, name, Launcher(name))
     monkeypatch.setattr(sibling_triton, "_write_siblings_kernel", Launcher("_write_siblings_kernel"))
-    for layer in h.layers.values():
-        if layer.impl.strategy.sibling_attention == "vllm":
-            monkeypatch.setattr(layer.impl.strategy, "_unified_attention",
-                                lambda **kw: launches.append(("unified_attention", ())))
+    # vLLM's TritonAttentionImpl.forward runs (and is audited); only its kernel launch is recorded
+    from vllm.v1.attention.backends import triton_attn
+
+    monkeypatch.setattr(triton_attn, "unified_attention", lambda **kw: launches.append(("unified_attention", ())))
     st = step_metadata(h, reqs, [(0, 1), (1, 1), (2, 1)], pad_rows=5)  # padded to a graph size of 8
     # the retrieval siblings carry vLLM's own TRITON_ATTN metadata (its builder's split-KV scratch);
     # at 3 decoding requests unified_attention takes its 3D split-KV path

