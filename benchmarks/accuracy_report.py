@@ -27,15 +27,18 @@ def markdown(records: list[SummaryRecord]) -> str:
         front = {r.label for r in pareto([r for r in means if r.method == "razor"])}
         tasks = means[0].tasks or []
         out += [f"### {model}, {length} tokens, {protocol}", "",
-                f"Mean over {', '.join(tasks)} (n = {means[0].n} prompts, paired; 95 % paired-bootstrap "
-                f"interval; * = on razor's Pareto front).", "",
-                "| method | KV kept | accuracy | delta vs full [95 % CI] | flips |", "|---|---|---|---|---|"]
+                f"Mean over {', '.join(tasks)}; n = the prompts each method ran (a staged sweep runs the "
+                f"candidates on more prompts than the coarse grid), its accuracy on those, its delta paired "
+                f"with full on the same prompts (95 % paired-bootstrap interval); * = on razor's Pareto front.",
+                "", "| method | n | KV kept | accuracy | delta vs full [95 % CI] | flips |",
+                "|---|---:|---|---|---|---|"]
         for r in means:
             delta = (f"{100 * r.delta_vs_full:+.1f} [{100 * r.delta_ci95[0]:+.1f}, {100 * r.delta_ci95[1]:+.1f}]"
                      if r.delta_vs_full is not None else "")
             flips = f"{100 * r.flip_share:.1f} %" if r.flip_share is not None else ""
             star = " *" if r.label in front else ""
-            out.append(f"| {r.label}{star} | {100 * r.kv_fraction:.1f} % | {100 * r.accuracy:.1f} % | {delta} | {flips} |")
+            out.append(f"| {r.label}{star} | {r.n} | {100 * r.kv_fraction:.1f} % | {100 * r.accuracy:.1f} % | {delta} "
+                       f"| {flips} |")
         per_task = sorted((r for r in cell if r.task != "mean" and r.label == "full"), key=lambda r: r.task)
         out += ["", "Full attention per task (tasks below 30 % are reported, not averaged): " +
                 ", ".join(f"{r.task} {100 * r.accuracy:.0f} % (n = {r.n}){' (excluded)' if r.excluded else ''}"

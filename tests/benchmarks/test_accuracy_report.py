@@ -30,5 +30,5 @@ def test_report_writes_the_summary_schema_and_tables(tmp_path, capsys):
     razor = next(r for r in recs if r["task"] == "mean" and r["method"] == "razor")
     assert (razor["n"], razor["accuracy"], razor["delta_vs_full"], razor["flip_share"]) == (10, 0.9, -0.1, 0.1)
     md = capsys.readouterr().out
-    assert "| razor s64 w256 single r0.14 * | 22.0 % | 90.0 % | -10.0 [" in md
+    assert "| razor s64 w256 single r0.14 * | 10 | 22.0 % | 90.0 % | -10.0 [" in md
     assert png.stat().st_size > 1000
