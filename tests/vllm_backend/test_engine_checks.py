@@ -32,10 +32,21 @@ def _parse(argv: list[str]):
     return args
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c not in WORKER_SIDE])
-def test_refused_while_the_config_is_built(case, tmp_path, monkeypatch):
+def _refusal(server: RazorServer, monkeypatch) -> str:
+    """The error building `server`'s engine config raises (what `vllm serve` would exit with), as
+    '<type>: <message>'; fails the test if the config builds."""
     import vllm
 
+    for k, v in server.environment().items():
+        if k.startswith("VLLM_"):
+            monkeypatch.setenv(k, v)
+    with pytest.raises(Exception) as info:
+        vllm.AsyncEngineArgs.from_cli_args(_parse(server.command()[1:])).create_engine_config()
+    return f"{type(info.value).__name__}: {info.value}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in WORKER_SIDE])
+def test_refused_while_the_config_is_built(case, tmp_path, monkeypatch):
     import razor_vllm.vllm.plugin as plugin
 
     razor_of, extra, model_dir, needles = CASES[case]
@@ -44,12 +55,7 @@ def test_refused_while_the_config_is_built(case, tmp_path, monkeypatch):
     plugin.register()  # what vLLM's plugin loader does in the `vllm serve` process
     server = RazorServer(model_dir, razor=razor_of(tmp_path) if razor_of else None, max_model_len=2048,
                          extra_args=extra, port=8000)
-    for k, v in server.environment().items():
-        if k.startswith("VLLM_"):
-            monkeypatch.setenv(k, v)
-    with pytest.raises(Exception) as info:
-        vllm.AsyncEngineArgs.from_cli_args(_parse(server.command()[1:])).create_engine_config()
-    text = f"{type(info.value).__name__}: {info.value}"
+    text = _refusal(server, monkeypatch)
     missing = [n for n in needles if n not in text]
     assert not missing, f"{case}: {missing} not in the error:\n{text[-3000:]}"
 
@@ -79,8 +85,6 @@ def test_a_sibling_attention_override_this_machine_cannot_run_is_refused_at_star
     """On the `triton` path (here its interpreted test mode) the retrieval siblings' attention is
     resolved while the config is built: an override that cannot run here stops `vllm serve` with the
     reason, not a failure in the first forward."""
-    import vllm
-
     import razor_vllm.vllm.plugin as plugin
     from razor_vllm.vllm import execution
 
@@ -90,10 +94,5 @@ def test_a_sibling_attention_override_this_machine_cannot_run_is_refused_at_star
     monkeypatch.setenv(execution.SIBLING_ENV, sibling_attention)
     server = RazorServer(smollm2_dir, razor={"head_config": SHIPPED, "kv_layout": "paged"}, max_model_len=2048,
                          port=8000)
-    for k, v in server.environment().items():
-        if k.startswith("VLLM_"):
-            monkeypatch.setenv(k, v)
-    with pytest.raises(Exception) as info:
-        vllm.AsyncEngineArgs.from_cli_args(_parse(server.command()[1:])).create_engine_config()
-    text = f"{type(info.value).__name__}: {info.value}"
+    text = _refusal(server, monkeypatch)
     assert all(n in text for n in needles), text[-3000:]
