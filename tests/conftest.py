@@ -70,6 +70,9 @@ HEAVY = {
     "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[speculative-decoding]",
     "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[kv-connector]",
     "tests/serve/test_serve_startup.py::test_refused_at_startup_with_a_clear_message[paged-with-pipeline-parallel]",
+    # the vLLM-side accuracy harness (two `vllm serve` starts): the README block (CI) serves through the
+    # same RazorServer and client; accuracy_report's own test (CI) covers the summary schema
+    "tests/benchmarks/test_protocol_accuracy.py::test_serve_rows_pair_with_the_hf_suite_and_resume",
     # the passkey through whole-prompt prefill and the openai client: the README block (CI) answers
     # a 4k passkey through the client in vLLM's default chunking; the one-chunk paged==uniform test
     # (CI) covers whole-prompt prefill in the engine
