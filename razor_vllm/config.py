@@ -30,11 +30,11 @@ class RazorConfig:
     window: int = Field(256, ge=1)
     """Recent tokens kept exactly by non-retrieval heads (the query's own token included)."""
     sinks: int = Field(64, ge=0)
-    """First tokens kept by non-retrieval heads. The paper and Huawei's code keep 4; vLLM's default
-    chunked prefill makes a long prompt's question read a compressed context, and 4 sinks then lose
-    the prompt's instructions (docs/accuracy.md, "Serving protocols": 64 recovers those answers at
-    about 6 % of the paged layout's capacity at 8k). An interim default until the sweep of issue
-    "Accuracy you can trust" chooses from both protocols."""
+    """First tokens kept by non-retrieval heads. The paper and Huawei's code keep 4. When a long
+    prompt's question reads a compressed context (chunked prefill), 4 sinks lose the prompt's
+    instructions at 4k (docs/accuracy.md, "Serving protocols"); 64 cost about 6 % of the paged
+    layout's capacity at 8k and lose nothing against 4 in exact prefill (4k: 94.0 vs 93.5 % on 200
+    prompts; 8k: 69 % both on 100; docs/accuracy.md)."""
     compensation: Compensation = "single"
     """How the compensation token (mean of evicted post-RoPE keys and values) enters the softmax:
     "single" as one ordinary token, "count" as all n evicted tokens (a logit bias of ln n), "none" not
@@ -50,6 +50,15 @@ class RazorConfig:
     parallel size 1 and at least one local head. "uniform": every
     head in vLLM's stock paged cache, compression applied when reading: the same attention, no
     memory saved (the reference mode; CPU and CUDA)."""
+    whole_prompt_prefill: bool = True
+    """RazorAttention's protocol: compress after an exact prefill of the whole prompt. vLLM prefills a
+    prompt longer than `--max-num-batched-tokens` in chunks, and every later chunk (the question of a
+    long prompt) then reads a compressed context, which costs accuracy (docs/accuracy.md, "The
+    serving default"). True: where the user passes neither `--enable-chunked-prefill` /
+    `--no-enable-chunked-prefill` nor `--max-num-batched-tokens`, razor turns chunked prefill off and
+    sets the token budget to max_model_len + max_num_seqs, so every prompt is prefilled in one step
+    (at the cost of activation memory for that step and of a long step that running decodes wait
+    for; docs/performance.md). An explicit flag is kept as given. False: vLLM's own chunking."""
 
 
 SERVING_DEFAULTS: dict[str, Any] = {name: f.default for name, f in RazorConfig.__pydantic_fields__.items()

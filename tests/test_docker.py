@@ -361,9 +361,10 @@ def test_entrypoint_env_overrides(stub_bin):
     head = "/configs/my heads \"v2\" $HOME `x` \\ 'q'.json"
     r = run_entrypoint(stub_bin, {"MODEL": "/models/a model", "PORT": "9001", "RAZOR_HEAD_CONFIG": head,
                                   "RAZOR_WINDOW": "128", "RAZOR_SINKS": "0", "RAZOR_COMPENSATION": "count",
-                                  "RAZOR_RETRIEVAL": "all"})
+                                  "RAZOR_RETRIEVAL": "all", "RAZOR_WHOLE_PROMPT_PREFILL": "false"})
     argv, cfg = served(r)
-    want = {"razor": {"head_config": head, "window": 128, "sinks": 0, "compensation": "count", "retrieval": "all"}}
+    want = {"razor": {"head_config": head, "window": 128, "sinks": 0, "compensation": "count", "retrieval": "all",
+                      "whole_prompt_prefill": False}}
     assert argv == expected_argv("/models/a model", "9001", want)
     assert cfg == want
 
@@ -398,6 +399,7 @@ def test_entrypoint_requires_model(stub_bin, model_env):
     ({"RAZOR_SINKS": "-1"}, "RAZOR_SINKS"),
     ({"RAZOR_COMPENSATION": "double"}, "RAZOR_COMPENSATION"),
     ({"RAZOR_RETRIEVAL": "some"}, "RAZOR_RETRIEVAL"),
+    ({"RAZOR_WHOLE_PROMPT_PREFILL": "maybe"}, "RAZOR_WHOLE_PROMPT_PREFILL"),
     ({"RAZOR_ADDITIONAL_CONFIG": "{razor: 1}"}, "RAZOR_ADDITIONAL_CONFIG"),
     ({"RAZOR_ADDITIONAL_CONFIG": '{"window": 3}'}, "RAZOR_ADDITIONAL_CONFIG"),
     ({"PORT": "80a"}, "PORT"),

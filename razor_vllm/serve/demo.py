@@ -11,8 +11,9 @@
 6. stop the server (SIGTERM, bounded wait) and exit non-zero if anything failed: no answer, a wrong
    answer, missing metrics, or an unclean shutdown.
 
-The prompt is prefilled in one chunk (`--max-num-batched-tokens` = max_model_len): the protocol
-under which docs/accuracy.md measured this model (compression applies to what decoding sees).
+The prompt is prefilled in one step, compressed after it: razor's default (`whole_prompt_prefill`,
+the protocol RazorAttention is defined in), so the razor server gets no chunking flag; the stock
+server gets `--max-num-batched-tokens` = max_model_len, the same single step.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def run_demo(args: argparse.Namespace) -> int:
     env = {} if "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS" in os.environ else {
         "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": str(max(300, int(args.request_timeout)))}
     server = RazorServer(model_dir, razor=razor, served_model_name=name, max_model_len=args.max_model_len,
-                         max_num_batched_tokens=args.max_model_len, kv_cache_space_gib=args.kv_cache_space,
+                         max_num_batched_tokens=None if razor else args.max_model_len,
+                         kv_cache_space_gib=args.kv_cache_space,
                          log_path=log, startup_timeout=args.startup_timeout, env=env)
     record: dict = {"model": name, "backend": args.backend, "razor": razor}
     try:

@@ -4,7 +4,7 @@ command, then exec. Settings go through `RazorConfig`, the one validator, so the
 accept what the engine would refuse. Precedence (highest first): arguments given to the container
 (appended last: vLLM keeps the last value of a repeated option), RAZOR_ADDITIONAL_CONFIG (the whole
 JSON, verbatim), RAZOR_HEAD_CONFIG / RAZOR_WINDOW / RAZOR_SINKS / RAZOR_COMPENSATION /
-RAZOR_RETRIEVAL / RAZOR_KV_LAYOUT, then RazorConfig's defaults. MODEL has no default. Any invalid
+RAZOR_RETRIEVAL / RAZOR_KV_LAYOUT / RAZOR_WHOLE_PROMPT_PREFILL, then RazorConfig's defaults. MODEL has no default. Any invalid
 setting exits 2 before vLLM starts.
 """
 
@@ -23,7 +23,7 @@ DEFAULT_HEAD_CONFIG = "smollm2-135m-instruct"
 # environment variable -> RazorConfig field (the variables a container sets one by one)
 ENV_FIELDS = {"RAZOR_HEAD_CONFIG": "head_config", "RAZOR_WINDOW": "window", "RAZOR_SINKS": "sinks",
               "RAZOR_COMPENSATION": "compensation", "RAZOR_RETRIEVAL": "retrieval",
-              "RAZOR_KV_LAYOUT": "kv_layout"}
+              "RAZOR_KV_LAYOUT": "kv_layout", "RAZOR_WHOLE_PROMPT_PREFILL": "whole_prompt_prefill"}
 # always written, so that the logged command shows the effective budget
 ALWAYS = ("head_config", "window", "sinks", "compensation")
 

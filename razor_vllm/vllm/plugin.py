@@ -26,6 +26,12 @@ here is therefore idempotent, and nothing changes unless razor is explicitly req
    and the user said nothing about prefix caching, razor turns vLLM's default (on) off and logs
    why, so that `vllm serve MODEL --attention-backend razor` starts as typed; an explicit
    `--enable-prefix-caching` is still refused by 4.
+6. The same hooks give razor its prefill protocol (`RazorConfig.whole_prompt_prefill`, default on):
+   where the user passed neither a chunked-prefill flag nor `--max-num-batched-tokens`, chunked
+   prefill is turned off and the token budget raised to max_model_len + max_num_seqs, so that every
+   prompt is prefilled in one step and compressed after it, as RazorAttention is defined and
+   measured; the log says so. Explicit flags are kept; when they let a prompt be split, the log says
+   what that costs.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def register() -> None:
     AttentionBackendEnum._member_map_.setdefault(ALIAS, custom)
     _patch_cpu_selector()
     _patch_platform_config_check()
-    _patch_prefix_caching_default()
+    _patch_engine_defaults()
 
 
 def _razor_requested(engine_args) -> bool:
@@ -81,30 +87,81 @@ def _custom_is_razor() -> bool:
     return custom.is_overridden() and custom.get_path() == BACKEND_PATH
 
 
-def _patch_prefix_caching_default() -> None:
-    """See 5. above. Never double-wraps; a vLLM without the hook keeps the refusal of 4."""
+def _razor_settings(engine_args):
+    """The `razor` section of EngineArgs' additional_config as a RazorConfig; None when it is absent or
+    invalid (the engine-start check refuses it then, with its own message)."""
+    from razor_vllm.config import parse_razor_config
+
+    try:
+        return parse_razor_config(getattr(engine_args, "additional_config", None))
+    except ValueError:
+        return None
+
+
+def _patch_engine_defaults() -> None:
+    """See 5. and 6. above. Never double-wraps; a vLLM without the hooks keeps the refusal of 4 and
+    vLLM's own chunking (checked by tests/cuda/test_conformance.py against the production wheel)."""
     try:
         from vllm.engine.arg_utils import EngineArgs
 
-        original = EngineArgs._set_default_chunked_prefill_and_prefix_caching_args
+        chunked_original = EngineArgs._set_default_chunked_prefill_and_prefix_caching_args
+        batch_original = EngineArgs._set_default_max_num_seqs_and_batched_tokens_args
     except (ImportError, AttributeError):
-        logger.debug("razor-vllm: this vLLM has no EngineArgs prefix-caching default hook")
+        logger.warning("razor-vllm: this vLLM has no EngineArgs default hooks: prefix caching and chunked "
+                       "prefill keep vLLM's defaults")
         return
-    if getattr(original, "_razor_wrapped", False):
+    if getattr(chunked_original, "_razor_wrapped", False):
         return
 
-    def set_defaults(self, model_config, *args, **kwargs):
-        if self.enable_prefix_caching is None and _razor_requested(self):
-            # None = the user passed neither --enable-prefix-caching nor --no-enable-prefix-caching.
-            self.enable_prefix_caching = False
-            logger.info("razor-vllm: prefix caching turned off (vLLM's default is on): a cached prefix "
-                        "would skip the prefill that builds razor's compressed KV state and change the "
-                        "output. Passing --enable-prefix-caching explicitly is refused.")
-        return original(self, model_config, *args, **kwargs)
+    def set_chunked_and_prefix_defaults(self, model_config, *args, **kwargs):
+        self._razor_whole_prompt = False
+        if _razor_requested(self):
+            if self.enable_prefix_caching is None:
+                # None = the user passed neither --enable-prefix-caching nor --no-enable-prefix-caching.
+                self.enable_prefix_caching = False
+                logger.info("razor-vllm: prefix caching turned off (vLLM's default is on): a cached prefix "
+                            "would skip the prefill that builds razor's compressed KV state and change the "
+                            "output. Passing --enable-prefix-caching explicitly is refused.")
+            cfg = _razor_settings(self)
+            if (cfg is not None and cfg.whole_prompt_prefill and self.enable_chunked_prefill is None
+                    and self.max_num_batched_tokens is None):
+                # Chunked prefill off (not only a large budget): with it on, a prompt that arrives
+                # while others run gets what is left of the budget and is split after all.
+                self.enable_chunked_prefill = False
+                self._razor_whole_prompt = True
+        return chunked_original(self, model_config, *args, **kwargs)
 
-    set_defaults._razor_wrapped = True  # type: ignore[attr-defined]
-    set_defaults.__wrapped__ = original  # type: ignore[attr-defined]
-    EngineArgs._set_default_chunked_prefill_and_prefix_caching_args = set_defaults
+    def set_batch_defaults(self, usage_context, model_config, *args, **kwargs):
+        result = batch_original(self, usage_context, model_config, *args, **kwargs)
+        max_len = model_config.max_model_len
+        if getattr(self, "_razor_whole_prompt", False):
+            # + max_num_seqs: a max_model_len prompt still fits beside a full batch of decodes, so
+            # it is never held back waiting for the running requests to finish.
+            budget = max(self.max_num_batched_tokens, max_len + self.max_num_seqs)
+            self.max_num_batched_tokens = budget
+            logger.info("razor-vllm: whole-prompt prefill (RazorAttention's protocol): chunked prefill off, "
+                        "max_num_batched_tokens %d (max_model_len %d + max_num_seqs %d), so every prompt is "
+                        "prefilled in one step and compressed after it. Long prompts cost a long step and "
+                        "its activation memory; to keep vLLM's chunking pass --max-num-batched-tokens or "
+                        "--enable-chunked-prefill, or razor's \"whole_prompt_prefill\": false "
+                        "(docs/accuracy.md, \"The serving default\").", budget, max_len, self.max_num_seqs)
+        elif (_razor_requested(self) and self.enable_chunked_prefill
+              and getattr(_razor_settings(self), "whole_prompt_prefill", False)):  # not after an opt-out
+            split = (f"prompts longer than {self.max_num_batched_tokens} tokens are prefilled in chunks"
+                     if self.max_num_batched_tokens < max_len else
+                     "a prompt that arrives while others run can be split")
+            logger.warning("razor-vllm: chunked prefill with max_num_batched_tokens %d: %s, and the chunks "
+                           "after the first (a long prompt's question) read razor's compressed context, "
+                           "which costs accuracy (docs/accuracy.md, \"The serving default\"). For "
+                           "RazorAttention's own protocol leave both flags out (razor then prefills every "
+                           "prompt in one step).", self.max_num_batched_tokens, split)
+        return result
+
+    for fn, orig in ((set_chunked_and_prefix_defaults, chunked_original), (set_batch_defaults, batch_original)):
+        fn._razor_wrapped = True  # type: ignore[attr-defined]
+        fn.__wrapped__ = orig  # type: ignore[attr-defined]
+    EngineArgs._set_default_chunked_prefill_and_prefix_caching_args = set_chunked_and_prefix_defaults
+    EngineArgs._set_default_max_num_seqs_and_batched_tokens_args = set_batch_defaults
 
 
 def _patch_platform_config_check() -> None:

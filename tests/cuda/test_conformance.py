@@ -79,6 +79,42 @@ def test_overridden_methods_keep_vllms_signatures():
     assert not getattr(RazorAttentionBackend, "__abstractmethods__", None)
 
 
+def test_whole_prompt_prefill_default_on_an_h100(monkeypatch):
+    """The wheel's EngineArgs default hooks, as `vllm serve` runs them on an 80 GiB H100: stock vLLM
+    chunks at 8192 tokens; razor (nothing said about chunking) turns chunked prefill off with a
+    budget of max_model_len + max_num_seqs; an explicit budget is kept."""
+    from vllm.config import ModelConfig, ParallelConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+    from vllm.usage.usage_lib import UsageContext
+
+    from razor_vllm.paths import default_model_dir
+    from razor_vllm.vllm import plugin
+
+    model = default_model_dir()
+    if not (model / "config.json").exists():
+        pytest.skip("run `razor-vllm fetch-model smollm2-135m-instruct`")
+    plugin.register()
+    monkeypatch.setattr(type(current_platform), "get_device_total_memory", classmethod(lambda cls, i=0: 80 * GiB),
+                        raising=False)
+    monkeypatch.setattr(type(current_platform), "get_device_name", classmethod(lambda cls, i=0: "NVIDIA H100"),
+                        raising=False)
+    mc = ModelConfig(model=str(model), skip_tokenizer_init=True, max_model_len=8192 * 2, dtype="bfloat16",
+                     hf_overrides={"max_position_embeddings": 16384})
+
+    def defaults(razor: bool, **flags):
+        extra = dict(attention_backend="razor", additional_config={
+            "razor": {"head_config": "smollm2-135m-instruct"}}) if razor else {}
+        args = EngineArgs(model=str(model), **extra, **flags)
+        args._set_default_chunked_prefill_and_prefix_caching_args(mc)
+        args._set_default_max_num_seqs_and_batched_tokens_args(UsageContext.OPENAI_API_SERVER, mc, ParallelConfig())
+        return args.enable_chunked_prefill, args.max_num_batched_tokens, args.max_num_seqs
+
+    assert defaults(False) == (True, 8192, 1024)  # vLLM serve's H100 default: a 16k prompt in 2 chunks
+    assert defaults(True) == (False, 16384 + 1024, 1024)
+    assert defaults(True, max_num_batched_tokens=4096) == (True, 4096, 1024)
+
+
 def test_backend_validates_for_h100_bf16():
     from vllm.platforms.interface import DeviceCapability
     from vllm.v1.attention.selector import AttentionSelectorConfig

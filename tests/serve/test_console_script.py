@@ -84,6 +84,7 @@ def test_readme_serving_block_serves_and_saves_memory(tmp_path):
         log = srv.log_text()
         assert "prefix caching turned off" in log, "razor did not turn vLLM's prefix-caching default off"
         assert "kv_layout paged" in log, "the default layout is not the paged one"
+        assert "razor-vllm: whole-prompt prefill" in log, "razor did not take its whole-prompt default"
         from transformers import AutoTokenizer
 
         from razor_vllm.eval import tasks

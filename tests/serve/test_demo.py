@@ -29,6 +29,8 @@ def test_demo_succeeds_and_reports_the_saving(smollm2_dir, tmp_path):
     r, rec = _demo(tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "demo OK" in r.stdout and rec["correct"] and rec["clean_shutdown"] and rec["failures"] == []
+    # the prompt went in one step by razor's default (the demo passes razor no chunking flag)
+    assert "razor-vllm: whole-prompt prefill" in (tmp_path / "serve.log").read_text()
     assert rec["razor_kv_bytes_per_token"] < rec["razor_kv_bytes_per_token_full"] / 4
     assert rec["kv_capacity_tokens"] > 3 * rec["stock_kv_capacity_tokens_computed"]
 

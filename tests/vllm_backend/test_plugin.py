@@ -157,3 +157,54 @@ def test_prefix_caching_default_is_turned_off_for_razor(smollm2_dir, flag, expec
     stock = EngineArgs(model=str(smollm2_dir), max_model_len=1024)
     assert not plugin._razor_requested(stock)
     assert stock.create_engine_config().cache_config.enable_prefix_caching is True  # vLLM's own default
+
+
+@pytest.fixture
+def razor_log(caplog):
+    """caplog for the plugin's logger: it is under vLLM's "vllm" logger, which does not propagate."""
+    import logging
+
+    plugin.logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.INFO)
+    try:
+        yield caplog
+    finally:
+        plugin.logger.removeHandler(caplog.handler)
+
+
+def _scheduler(smollm2_dir, razor: dict | None, **flags):
+    from vllm.engine.arg_utils import EngineArgs
+
+    import razor_vllm.vllm.plugin as plugin
+
+    plugin.register()
+    extra = {} if razor is None else dict(attention_backend="razor", additional_config={
+        "razor": {"head_config": "smollm2-135m-instruct", **razor}})
+    return EngineArgs(model=str(smollm2_dir), max_model_len=4096, **extra, **flags).create_engine_config().scheduler_config
+
+
+def test_whole_prompt_prefill_is_razors_default(smollm2_dir, razor_log):
+    """Nothing said about chunking: razor prefills every prompt in one step (chunked prefill off, a
+    budget that fits a max_model_len prompt beside a full batch of decodes)."""
+    stock = _scheduler(smollm2_dir, None)
+    assert stock.enable_chunked_prefill and stock.max_num_batched_tokens < 4096  # vLLM chunks a 4k prompt
+    sched = _scheduler(smollm2_dir, {})
+    assert not sched.enable_chunked_prefill
+    assert sched.max_num_batched_tokens == 4096 + sched.max_num_seqs
+    assert sched.max_num_seqs == stock.max_num_seqs  # only the prefill protocol changes
+    assert "razor-vllm: whole-prompt prefill" in razor_log.text
+
+
+@pytest.mark.parametrize("razor, flags, warned", [
+    ({"whole_prompt_prefill": False}, {}, False),  # razor's own opt-out: vLLM's chunking, as stock
+    ({}, {"max_num_batched_tokens": 512}, True),  # an explicit budget is kept; prompts > 512 split
+    ({}, {"enable_chunked_prefill": True}, True),  # explicit chunking kept, vLLM's budget (2048)
+    ({}, {"enable_chunked_prefill": False}, False),  # explicit, and one step per prompt already
+])
+def test_explicit_chunking_flags_are_kept(smollm2_dir, razor_log, razor, flags, warned):
+    stock = _scheduler(smollm2_dir, None, **flags)
+    sched = _scheduler(smollm2_dir, razor, **flags)
+    assert (sched.enable_chunked_prefill, sched.max_num_batched_tokens) == (
+        stock.enable_chunked_prefill, stock.max_num_batched_tokens)
+    assert "razor-vllm: whole-prompt prefill" not in razor_log.text
+    assert ("prefilled in chunks" in razor_log.text) is warned
