@@ -40,7 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-from razor_vllm.eval.run import paired_bootstrap  # the one paired statistic of every accuracy table
+# the one paired statistic of every accuracy table; the harness's row reader (a cut last line re-runs)
+from razor_vllm.eval.run import load_rows as _load, paired_bootstrap
 
 CONFIGS = {
     "stock": None,
@@ -52,9 +53,22 @@ CONFIGS = {
 PROTOCOLS = ("chunked-2048", "chunked-8192", "whole-prompt", "defaults")
 ENGINES = ("serve", "offline")
 MARGIN = 64  # max_model_len = length + MARGIN: room for the answer after a `length`-token prompt
-# An 8k suite prompt fills SmolLM2's 8192 positions, so its answer runs a few positions past them, as it
-# does in the HF harness (which does not check). vLLM refuses such a max_model_len unless told.
-ENGINE_ENV = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+
+
+def position_overrides(model_dir: Path, max_model_len: int) -> dict:
+    """An 8k suite prompt fills SmolLM2's 8192 positions, so its answer runs past them, as it does in
+    the HF harness, whose RoPE is computed per position. vLLM precomputes RoPE for
+    max_position_embeddings positions only: past them it decodes garbage (measured: every 8k answer
+    of stock vLLM was "The-----..."). For plain RoPE a longer table is the same function, so raise
+    max_position_embeddings to max_model_len (hf_overrides); scaled RoPE variants are refused."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if max_model_len <= cfg["max_position_embeddings"]:
+        return {}
+    rope = cfg.get("rope_parameters") or {}
+    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise SystemExit(f"{model_dir.name}: prompts + answers of {max_model_len} tokens exceed its "
+                         f"{cfg['max_position_embeddings']} positions and its RoPE is scaled; use a shorter --length")
+    return {"max_position_embeddings": max_model_len}
 
 
 def _batched_tokens(protocol: str, max_model_len: int) -> int | None:
@@ -129,7 +143,7 @@ def _engine_child(job: dict) -> None:
                                                  job["suite"]) if (s.task, i) in pending]
     max_model_len = job["length"] + MARGIN
     args = dict(model=str(model_dir), dtype="float32", max_model_len=max_model_len, enforce_eager=True, seed=0,
-                max_num_seqs=4)
+                max_num_seqs=4, hf_overrides=position_overrides(model_dir, max_model_len) or None)
     chunk = _batched_tokens(job["protocol"], max_model_len)
     if chunk is not None:
         args["max_num_batched_tokens"] = chunk
@@ -149,8 +163,7 @@ def _engine_child(job: dict) -> None:
 
 
 def _run_offline(job: dict, emit) -> None:
-    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="2", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               **ENGINE_ENV)
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="2", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     res = subprocess.run([sys.executable, "-m", "benchmarks.protocol_accuracy", "--child", json.dumps(job)],
                          env=env, capture_output=True, text=True)
     recs = [json.loads(ln[7:]) for ln in res.stdout.splitlines() if ln.startswith("RECORD ")]
@@ -162,7 +175,8 @@ def _run_offline(job: dict, emit) -> None:
 
 
 # -- serve engine (`vllm serve` + the openai client) --------------------------------------------------
-_BATCHED_RE = re.compile(r"max_num_batched_tokens=(\d+)")
+# the budget of a server started without the flag: razor's start-up line, else vLLM's (at INFO)
+_BATCHED_RE = re.compile(r"(?:whole-prompt prefill.*max_num_batched_tokens |max_num_batched_tokens=)(\d+)")
 
 
 def _run_serve(job: dict, emit, log_path: Path) -> None:
@@ -176,15 +190,18 @@ def _run_serve(job: dict, emit, log_path: Path) -> None:
                                                  job["suite"]) if (s.task, i) in pending]
     max_model_len = job["length"] + MARGIN
     # One whole-prompt step of a long prompt can outlive vLLM's 300 s step limit on a small CPU.
-    env = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800"),
-           **ENGINE_ENV}
+    env = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")}
+    overrides = position_overrides(model_dir, max_model_len)
     server = RazorServer(model_dir, razor=job["razor"], served_model_name="model", max_model_len=max_model_len,
                          max_num_batched_tokens=_batched_tokens(job["protocol"], max_model_len),
-                         kv_cache_space_gib=2, log_path=log_path, env=env)
+                         kv_cache_space_gib=2, log_path=log_path, env=env,
+                         extra_args=["--hf-overrides", json.dumps(overrides)] if overrides else [])
     with server:
         print(f"   {server.display_command()}  (ready in {server.ready_s:.0f} s; log {log_path})", flush=True)
-        m = _BATCHED_RE.search(server.log_text())
-        batched = int(m.group(1)) if m else None
+        batched = _batched_tokens(job["protocol"], max_model_len)
+        if batched is None:
+            m = _BATCHED_RE.search(server.log_text())
+            batched = int(m.group(1)) if m else None
         client = openai.OpenAI(base_url=server.base_url, api_key="none", timeout=3600)
         t0 = time.monotonic()
         for k, (i, s) in enumerate(samples):
@@ -261,18 +278,6 @@ def main(argv=None) -> int:
                 _run_serve(job, emit, Path("out") / f"{out.stem}.{config}.{protocol}.log")
     summarize(out)
     return 0
-
-
-def _load(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by an interruption: that prompt runs again
-            break
-    return rows
 
 
 def summarize(path: Path) -> list[dict]:
