@@ -134,8 +134,6 @@ def _row(sample, key: str, ctx: list[int], question: list[int], run: dict, res: 
 
     seq_len = len(ctx) + len(question)
     name, text = run["name"], res["output"]
-    n_heads = policy.num_layers * policy.num_kv_heads
-    retrieval = sum(map(len, policy.retrieval_heads)) / n_heads
     base = {"sample": key, "task": sample.task, "length": sample.length, "depth": sample.depth, "seed": sample.seed,
             "seq_len": seq_len, "protocol": PROTOCOL, "method": run["method"], "label": run["label"]}
     if name == "full":
@@ -154,7 +152,7 @@ def _row(sample, key: str, ctx: list[int], question: list[int], run: dict, res: 
             setting = {"induction_ratio": head_cfg.profile.induction_ratio}
         fields = {"setting": setting, "sinks": sinks, "window": window, "compensation": None,
                   "kv_fraction": 1.0 - ratio,
-                  "retrieval_fraction": {"streaming": 0.0, "duo": retrieval}.get(name),
+                  "retrieval_fraction": {"streaming": 0.0, "duo": policy.retrieval_fraction}.get(name),
                   "press": run["press"], "compression_ratio": ratio, "kv_storage": PRESSES[name][2],
                   "frees_memory": False}
     return {**base, **fields, "razor_kv_fraction": policy.kv_fraction(seq_len), "context_tokens": len(ctx),

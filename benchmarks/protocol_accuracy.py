@@ -32,6 +32,7 @@ paired difference to `stock` in the same protocol, with a 95 % bootstrap interva
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -109,28 +110,42 @@ def _record(i: int, s, text: str, prompt_tokens: int) -> dict:
             "score": tasks.score(s, text)}
 
 
-def method_fields(config: str, model: str, seq_len: int) -> dict:
-    """The row fields `razor-vllm eval` writes for a method, so that `benchmarks.accuracy_report` reads
-    both harnesses' rows: stock vLLM is the `full` method; razor's label and KV fraction come from its
-    policy (the shipped head config, SERVING_DEFAULTS plus the configuration's overrides)."""
+@functools.lru_cache(maxsize=None)
+def _policy(config: str, model: str):
+    """(razor's policy for a razor configuration: the shipped head config, SERVING_DEFAULTS plus the
+    configuration's overrides; the config's induction ratio), read once per configuration."""
     from razor_vllm.config import RazorPolicy, parse_razor_config
     from razor_vllm.heads import load_head_config
 
     razor = _razor(config, model)
-    if razor is None:
+    head_cfg = load_head_config(razor["head_config"])
+    return RazorPolicy.from_config(parse_razor_config({"razor": razor}), head_cfg), head_cfg.profile.induction_ratio
+
+
+def method_fields(config: str, model: str, seq_len: int) -> dict:
+    """The row fields `razor-vllm eval` writes for a method, so that `benchmarks.accuracy_report` reads
+    both harnesses' rows: stock vLLM is the `full` method; razor's label and KV fraction come from its
+    policy."""
+    if CONFIGS[config] is None:
         return {"method": "full", "label": "full", "setting": None, "sinks": None, "window": None,
                 "compensation": None, "kv_fraction": 1.0, "retrieval_fraction": 1.0}
-    head_cfg = load_head_config(razor["head_config"])
-    p = RazorPolicy.from_config(parse_razor_config({"razor": razor}), head_cfg)
-    ratio = head_cfg.profile.induction_ratio
+    p, ratio = _policy(config, model)
     return {"method": "razor", "label": f"razor s{p.sinks} w{p.window} {p.compensation} r{ratio:g}",
             "setting": {"induction_ratio": ratio}, "sinks": p.sinks, "window": p.window,
             "compensation": p.compensation, "kv_fraction": p.kv_fraction(seq_len),
-            "retrieval_fraction": sum(map(len, p.retrieval_heads)) / (p.num_layers * p.num_kv_heads)}
+            "retrieval_fraction": p.retrieval_fraction}
 
 
 def _message(s) -> list[dict]:
     return [{"role": "user", "content": s.context + "\n\n" + s.question}]
+
+
+def _job_samples(job: dict) -> list:
+    """[(prompt index, Sample)] of the job's pending prompts (rebuilt where the job runs: the offline
+    engine's child process cannot be handed Sample objects)."""
+    pending = {(t, i) for t, i in job["pending"]}
+    return [(i, s) for i, s in build_samples(Path(job["model_dir"]), job["tasks"], job["length"], job["n"],
+                                             job["seed"], job["suite"]) if (s.task, i) in pending]
 
 
 # -- offline engine (a child process per configuration) -----------------------------------------------
@@ -138,9 +153,7 @@ def _engine_child(job: dict) -> None:
     from vllm import LLM, SamplingParams
 
     model_dir = Path(job["model_dir"])
-    pending = {(t, i) for t, i in job["pending"]}
-    samples = [(i, s) for i, s in build_samples(model_dir, job["tasks"], job["length"], job["n"], job["seed"],
-                                                 job["suite"]) if (s.task, i) in pending]
+    samples = _job_samples(job)
     max_model_len = job["length"] + MARGIN
     args = dict(model=str(model_dir), dtype="float32", max_model_len=max_model_len, enforce_eager=True, seed=0,
                 max_num_seqs=4, hf_overrides=position_overrides(model_dir, max_model_len) or None)
@@ -185,20 +198,19 @@ def _run_serve(job: dict, emit, log_path: Path) -> None:
     from razor_vllm.serve.process import RazorServer
 
     model_dir = Path(job["model_dir"])
-    pending = {(t, i) for t, i in job["pending"]}
-    samples = [(i, s) for i, s in build_samples(model_dir, job["tasks"], job["length"], job["n"], job["seed"],
-                                                 job["suite"]) if (s.task, i) in pending]
+    samples = _job_samples(job)
     max_model_len = job["length"] + MARGIN
     # One whole-prompt step of a long prompt can outlive vLLM's 300 s step limit on a small CPU.
     env = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")}
     overrides = position_overrides(model_dir, max_model_len)
+    batched = _batched_tokens(job["protocol"], max_model_len)
     server = RazorServer(model_dir, razor=job["razor"], served_model_name="model", max_model_len=max_model_len,
-                         max_num_batched_tokens=_batched_tokens(job["protocol"], max_model_len),
-                         kv_cache_space_gib=2, log_path=log_path, env=env,
+                         max_num_batched_tokens=batched, kv_cache_space_gib=2, log_path=log_path, env=env,
                          extra_args=["--hf-overrides", json.dumps(overrides)] if overrides else [])
-    with server:
+    try:  # not `with server`: its exit discards stop()'s verdict on the shutdown
+        server.start()
+        server.wait_ready()
         print(f"   {server.display_command()}  (ready in {server.ready_s:.0f} s; log {log_path})", flush=True)
-        batched = _batched_tokens(job["protocol"], max_model_len)
         if batched is None:
             m = _BATCHED_RE.search(server.log_text())
             batched = int(m.group(1)) if m else None
@@ -212,7 +224,9 @@ def _run_serve(job: dict, emit, log_path: Path) -> None:
             el = time.monotonic() - t0
             print(f"   [{k + 1}/{len(samples)}] {s.task}/{i} {chat.usage.prompt_tokens} tok; "
                   f"{el / 60:.1f} min, ETA {el / (k + 1) * (len(samples) - k - 1) / 60:.1f} min", flush=True)
-    if not server.stop():
+    finally:  # also on an error or Ctrl-C: never leave a server behind
+        clean = server.stop()
+    if not clean:
         raise RuntimeError(f"vllm serve did not stop cleanly; see {log_path}")
 
 

@@ -114,6 +114,11 @@ class RazorPolicy:
     def num_layers(self) -> int:
         return len(self.retrieval_heads)
 
+    @property
+    def retrieval_fraction(self) -> float:
+        """Retrieval KV heads (full cache) / all KV heads."""
+        return sum(map(len, self.retrieval_heads)) / (self.num_layers * self.num_kv_heads)
+
     def local_mask(self, layer: int) -> list[bool]:
         """[num_kv_heads] True where the head is compressed (not a retrieval head)."""
         keep = set(self.retrieval_heads[layer])

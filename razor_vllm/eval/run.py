@@ -269,8 +269,7 @@ def _run_prompt(model, tok, sample, key, ctx, question, plan, protocols, eos, co
             "sinks": p.sinks if p else None, "window": p.window if p else None,
             "compensation": p.compensation if p else None,
             "kv_fraction": p.kv_fraction(seq_len) if p else 1.0,
-            "retrieval_fraction": (sum(len(h) for h in p.retrieval_heads) / (p.num_layers * p.num_kv_heads))
-            if p else 1.0,
+            "retrieval_fraction": p.retrieval_fraction if p else 1.0,
             "correct": suite.is_correct(sample, text), "score": suite.score(sample, text), "output": text,
             "seconds": round(seconds, 3)})
 

@@ -114,7 +114,10 @@ def _patch_engine_defaults() -> None:
         return
 
     def set_chunked_and_prefix_defaults(self, model_config, *args, **kwargs):
-        self._razor_whole_prompt = False
+        # razor's prefill protocol, decided here from the flags as the user gave them (the next hook
+        # sees them resolved): None (razor not requested, or its opt-out), "whole" (razor sets it),
+        # "flags" (the user's chunking flags stand; warn if they split prompts)
+        self._razor_prefill = None
         if _razor_requested(self):
             if self.enable_prefix_caching is None:
                 # None = the user passed neither --enable-prefix-caching nor --no-enable-prefix-caching.
@@ -123,18 +126,21 @@ def _patch_engine_defaults() -> None:
                             "would skip the prefill that builds razor's compressed KV state and change the "
                             "output. Passing --enable-prefix-caching explicitly is refused.")
             cfg = _razor_settings(self)
-            if (cfg is not None and cfg.whole_prompt_prefill and self.enable_chunked_prefill is None
-                    and self.max_num_batched_tokens is None):
-                # Chunked prefill off (not only a large budget): with it on, a prompt that arrives
-                # while others run gets what is left of the budget and is split after all.
-                self.enable_chunked_prefill = False
-                self._razor_whole_prompt = True
+            if cfg is not None and cfg.whole_prompt_prefill:
+                if self.enable_chunked_prefill is None and self.max_num_batched_tokens is None:
+                    # Chunked prefill off (not only a large budget): with it on, a prompt that arrives
+                    # while others run gets what is left of the budget and is split after all.
+                    self.enable_chunked_prefill = False
+                    self._razor_prefill = "whole"
+                else:
+                    self._razor_prefill = "flags"
         return chunked_original(self, model_config, *args, **kwargs)
 
     def set_batch_defaults(self, usage_context, model_config, *args, **kwargs):
         result = batch_original(self, usage_context, model_config, *args, **kwargs)
         max_len = model_config.max_model_len
-        if getattr(self, "_razor_whole_prompt", False):
+        prefill = getattr(self, "_razor_prefill", None)
+        if prefill == "whole":
             # + max_num_seqs: a max_model_len prompt still fits beside a full batch of decodes, so
             # it is never held back waiting for the running requests to finish.
             budget = max(self.max_num_batched_tokens, max_len + self.max_num_seqs)
@@ -145,8 +151,7 @@ def _patch_engine_defaults() -> None:
                         "its activation memory; to keep vLLM's chunking pass --max-num-batched-tokens or "
                         "--enable-chunked-prefill, or razor's \"whole_prompt_prefill\": false "
                         "(docs/accuracy.md, \"The serving default\").", budget, max_len, self.max_num_seqs)
-        elif (_razor_requested(self) and self.enable_chunked_prefill
-              and getattr(_razor_settings(self), "whole_prompt_prefill", False)):  # not after an opt-out
+        elif prefill == "flags" and self.enable_chunked_prefill:
             split = (f"prompts longer than {self.max_num_batched_tokens} tokens are prefilled in chunks"
                      if self.max_num_batched_tokens < max_len else
                      "a prompt that arrives while others run can be split")
