@@ -211,17 +211,21 @@ def run_eval(model_dir: str | Path, head_cfg: HeadConfig, *, tasks: list[str], l
     have: dict[str, set] = {}
     for r in rows:
         have.setdefault(r["sample"], set()).add((r["protocol"], r["label"]))
-    model = None
-    todo = [(_sample_key(s.task, s.length, i), s) for i, s in samples]
-    t_start, done_now = time.perf_counter(), 0
-    remaining = sum(1 for k, s in todo if not _complete(have.get(k), protocols))
-    for k, sample in todo:
+    # The exact work list first (a prompt's labels depend on its token count), so the progress line's
+    # denominator counts the prompts a sweep extends with new settings, not only unseen prompts.
+    jobs = []
+    for i, sample in samples:
+        k = _sample_key(sample.task, sample.length, i)
         ctx, question = suite.build_prompt_ids(sample, tok)
+        plan = build_methods(head_cfg, methods, settings, len(ctx) + len(question), seed, controls)
+        if not {(p, m.label) for p in protocols for m in plan} <= have.get(k, set()):
+            jobs.append((k, sample, ctx, question, plan))
+    print(f"{len(jobs)} of {len(samples)} prompts to run ({len(samples) - len(jobs)} complete in {out})",
+          file=log, flush=True)
+    model = None
+    t_start = time.perf_counter()
+    for done_now, (k, sample, ctx, question, plan) in enumerate(jobs, 1):
         seq_len = len(ctx) + len(question)
-        plan = build_methods(head_cfg, methods, settings, seq_len, seed, controls)
-        want = {(p, m.label) for p in protocols for m in plan}
-        if want <= have.get(k, set()):
-            continue
         if model is None:
             model = load_model(model_dir, dtype)
             head_cfg.check_matches(model.config)
@@ -234,17 +238,11 @@ def run_eval(model_dir: str | Path, head_cfg: HeadConfig, *, tasks: list[str], l
             for r in new:
                 f.write(json.dumps(r) + "\n")
         rows.extend(new)
-        done_now += 1
         el = time.perf_counter() - t_start
-        eta = el / done_now * (remaining - done_now)
-        print(f"[{done_now}/{remaining}] {k} {seq_len} tok, {len(new)} runs in {time.perf_counter() - t0:.0f}s; "
+        eta = el / done_now * (len(jobs) - done_now)
+        print(f"[{done_now}/{len(jobs)}] {k} {seq_len} tok, {len(new)} runs in {time.perf_counter() - t0:.0f}s; "
               f"elapsed {el / 60:.1f} min, ETA {eta / 60:.1f} min", file=log, flush=True)
     return rows
-
-
-def _complete(have: set | None, protocols) -> bool:
-    # only a cheap pre-count for the ETA; the exact check is per prompt (labels depend on seq_len)
-    return bool(have) and {p for p, _ in have} >= set(protocols)
 
 
 def _run_prompt(model, tok, sample, key, ctx, question, plan, protocols, eos, continue_greedy, prefill, suite,

@@ -132,7 +132,13 @@ def test_run_eval_resumes_and_grows_n(tmp_path, capsys):
         == {k: r["output"] for k, r in zip(keys(rows), sorted(rows, key=lambda r: (r["sample"], r["protocol"], r["label"])))}
     grown = run_eval(SMOL, cfg, n=3, **kw)
     assert len(grown) == 12 and [r for r in grown[:8]] == [json.loads(l) for l in out.read_text().splitlines()[:8]]
-    assert "ETA" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ETA" in err and "[1/1] passkey/600/2" in err  # growing n counts only the new prompt
+    # a sweep extending finished prompts with a new setting counts each of them (not only unseen prompts)
+    wider = run_eval(SMOL, cfg, n=3, **{**kw, "settings": [RazorSetting(window=64, sinks=4), RazorSetting(window=32, sinks=4)]})
+    err = capsys.readouterr().err
+    assert "3 of 3 prompts to run" in err and "[3/3]" in err and len(wider) == 12 + 3 * 2
+    assert run_eval(SMOL, cfg, n=3, **kw) and "0 of 3 prompts to run" in capsys.readouterr().err
 
 
 @pytest.mark.slow
