@@ -10,6 +10,12 @@
 # paper's sinks 4 (the setting the chunked protocol punished, docs/accuracy.md "Serving protocols"),
 # and StreamingLLM / random heads at the defaults' budget.
 #   STAGE=2 TASKS=passkey,niah_single N=100 LENGTH=4096 bash scripts/accuracy_smollm2.sh
+# Stage 3 (STAGE=3): the budget search, razor only (full already ran on these prompts): two
+# one-at-a-time waves, around the defaults and around window 1024 (the first wave's best setting when
+# the question reads a compressed context), heads up to 50 %, windows up to 2048, sinks, weighting.
+#   STAGE=3 TASKS=passkey,niah_single N=10 LENGTH=8192 bash scripts/accuracy_smollm2.sh
+# Stage 4 (STAGE=4): the budget search's candidates at the full n: windows 1024 and 2048.
+#   STAGE=4 TASKS=passkey,niah_single N=50 LENGTH=8192 bash scripts/accuracy_smollm2.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RV=${RV:-.venv/bin/razor-vllm}
@@ -18,13 +24,21 @@ LENGTH=${LENGTH:-4096}
 N=${N:-100}
 TASKS=${TASKS:-passkey,niah_single,niah_multikey,niah_multivalue}
 OUT=docs/results/accuracy/${MODEL}_${LENGTH}.jsonl
+run() {
+  $RV eval "$MODEL" --heads "$MODEL" --tasks "$TASKS" --lengths "$LENGTH" --n "$N" "$@" \
+    --out "$OUT" --summary "docs/results/accuracy/${MODEL}_${LENGTH}.summary.json" \
+    --plot "docs/results/accuracy/${MODEL}_${LENGTH}.png"
+}
 # shellcheck disable=SC2054  # the commas are the eval's value lists, not array separators
-if [ "${STAGE:-1}" = 2 ]; then
-  GRID=(--sinks 64,4 --window 256 --compensation single --induction-ratio 0.14)
-else
-  GRID=(--sinks 64,4,16,128 --window 256,128,512,1024 --compensation single,none,count --induction-ratio 0.14,0.2,0.3)
-fi
-$RV eval "$MODEL" --heads "$MODEL" --tasks "$TASKS" --lengths "$LENGTH" --n "$N" \
-  "${GRID[@]}" --one-at-a-time --controls first \
-  --out "$OUT" --summary "docs/results/accuracy/${MODEL}_${LENGTH}.summary.json" \
-  --plot "docs/results/accuracy/${MODEL}_${LENGTH}.png"
+case "${STAGE:-1}" in
+  1) run --sinks 64,4,16,128 --window 256,128,512,1024 --compensation single,none,count \
+       --induction-ratio 0.14,0.2,0.3 --one-at-a-time --controls first ;;
+  2) run --sinks 64,4 --window 256 --compensation single --induction-ratio 0.14 --one-at-a-time --controls first ;;
+  3) run --methods razor --sinks 64 --window 256,512,1024 --compensation single --induction-ratio 0.14,0.2,0.25,0.3 \
+       --one-at-a-time
+     run --methods razor --sinks 64 --window 512 --compensation single --induction-ratio 0.2
+     run --methods razor --sinks 64,4 --window 1024,2048 --compensation single,none,count --induction-ratio 0.14,0.2,0.5 \
+       --one-at-a-time ;;
+  4) run --methods razor --sinks 64 --window 1024,2048 --compensation single --induction-ratio 0.14 ;;
+  *) echo "STAGE must be 1, 2, 3 or 4" >&2; exit 2 ;;
+esac
