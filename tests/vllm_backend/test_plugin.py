@@ -164,6 +164,13 @@ def razor_log(caplog):
     """caplog for the plugin's logger: it is under vLLM's "vllm" logger, which does not propagate."""
     import logging
 
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.logger import configure_logging_if_needed
+
+    # vLLM applies its logging config (dictConfig) on the first create_engine_config in a process,
+    # which strips handlers from existing "vllm.*" loggers: apply it first (as create_engine_config
+    # will), or a test run alone (-k) would lose the handler before the plugin logs
+    configure_logging_if_needed(EngineArgs().create_logging_config())
     plugin.logger.addHandler(caplog.handler)
     caplog.handler.setLevel(logging.INFO)
     try:
@@ -195,16 +202,18 @@ def test_whole_prompt_prefill_is_razors_default(smollm2_dir, razor_log):
     assert "razor-vllm: whole-prompt prefill" in razor_log.text
 
 
-@pytest.mark.parametrize("razor, flags, warned", [
-    ({"whole_prompt_prefill": False}, {}, False),  # razor's own opt-out: vLLM's chunking, as stock
-    ({}, {"max_num_batched_tokens": 512}, True),  # an explicit budget is kept; prompts > 512 split
-    ({}, {"enable_chunked_prefill": True}, True),  # explicit chunking kept, vLLM's budget (2048)
-    ({}, {"enable_chunked_prefill": False}, False),  # explicit, and one step per prompt already
+@pytest.mark.parametrize("razor, flags, warned, remedy", [
+    ({"whole_prompt_prefill": False}, {}, False, False),  # razor's own opt-out: vLLM's chunking, as stock
+    ({}, {"max_num_batched_tokens": 512}, True, True),  # an explicit budget is kept; prompts > 512 split
+    ({}, {"enable_chunked_prefill": True}, True, True),  # explicit chunking kept, vLLM's budget (2048)
+    ({}, {"enable_chunked_prefill": False}, False, False),  # explicit, and one step per prompt already
+    ({"window": 1024}, {"max_num_batched_tokens": 512}, True, False),  # warned, but the window is the remedy
 ])
-def test_explicit_chunking_flags_are_kept(smollm2_dir, razor_log, razor, flags, warned):
+def test_explicit_chunking_flags_are_kept(smollm2_dir, razor_log, razor, flags, warned, remedy):
     stock = _scheduler(smollm2_dir, None, **flags)
     sched = _scheduler(smollm2_dir, razor, **flags)
     assert (sched.enable_chunked_prefill, sched.max_num_batched_tokens) == (
         stock.enable_chunked_prefill, stock.max_num_batched_tokens)
     assert "razor-vllm: whole-prompt prefill" not in razor_log.text
     assert ("prefilled in chunks" in razor_log.text) is warned
+    assert ('"window": 1024' in razor_log.text) is remedy  # the measured remedy, to a window below it
