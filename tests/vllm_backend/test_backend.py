@@ -234,7 +234,9 @@ def test_cpu_cache_layout_verified_and_views_read_stock_writes(model_dir, head_c
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     isa = _get_attn_isa(dtype, BLOCK_SIZE, HEAD_SIZE)
-    assert verify_cpu_kv_layout(dtype, BLOCK_SIZE, HEAD_SIZE, isa) in ("k_transposed", "plain")
+    # 'vec' ISAs store K transposed; 'amx' (bf16 on AMX CPUs) packs K and V in tiles
+    assert verify_cpu_kv_layout(dtype, BLOCK_SIZE, HEAD_SIZE, isa) == (
+        "amx_tiles" if isa == "amx" else "k_transposed")
     kc, vc = cpu_kv_cache_views(kv_cache, HEAD_SIZE, isa)
     assert kc.data_ptr() == kv_cache.data_ptr() and kc.shape == vc.shape == (NUM_BLOCKS, NUM_KV_HEADS,
                                                                                BLOCK_SIZE, HEAD_SIZE)
