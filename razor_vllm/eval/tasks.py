@@ -455,6 +455,11 @@ def _render(context: str, question: str, tokenizer: Any, chat: bool) -> tuple[st
     return text, False
 
 
+# A token that spans the cut may take this many characters of the context with it (Qwen2: the
+# final "." of ".\n\n").
+_MAX_CUT_SHIFT = 4
+
+
 def build_prompt_ids(sample: Sample, tokenizer: Any, chat: bool = True) -> tuple[list[int], list[int]]:
     """(context_ids, question_ids): the model input split right after the context.
 
@@ -463,26 +468,30 @@ def build_prompt_ids(sample: Sample, tokenizer: Any, chat: bool = True) -> tuple
     = "\\n\\n" + question + end of turn + assistant header. chat=False: plain ``context + "\\n\\n" +
     question`` with the tokenizer's default special tokens on the context.
 
-    The rendered text is cut at the end of the context and each side is tokenised on its own. That is
-    only valid if no token would span the cut, so the concatenation is checked against tokenising the
-    whole text at once (what ``apply_chat_template(..., tokenize=True)`` returns), and a mismatch
-    raises instead of silently feeding the model a tokenisation it would never see. By construction
-    it holds for byte-level BPE tokenisers (GPT-2 style pre-tokenisation, e.g. SmolLM2, Llama 3,
-    Qwen): the context ends in a word or "." and the rest starts with "\\n\\n", and pre-tokenisation
-    always splits letters/punctuation from newlines, so BPE merges never cross the cut.
+    The whole rendered text is tokenised once (what ``apply_chat_template(..., tokenize=True)``
+    returns) and split at the token boundary at the end of the context, so the model sees exactly
+    the tokenisation of the whole prompt. With GPT-2 style pre-tokenisation (SmolLM2, Llama 3) a
+    boundary always falls there: the context ends in a word or "." and the rest starts with
+    "\\n\\n". Qwen2's pre-tokeniser keeps punctuation and the newlines after it in one token
+    (".\\n\\n"): such a token spanning the cut goes to the question side, and the context ids end
+    just before the context's final punctuation. A token spanning more than ``_MAX_CUT_SHIFT``
+    characters of context raises (the split would no longer be "context, then question").
     """
     text, special = _render(sample.context, sample.question, tokenizer, chat)
     cut = text.find(sample.context + "\n\n" + sample.question)
     if cut < 0:
         raise ValueError("the chat template altered the message text; cannot split the prompt")
     cut += len(sample.context)
-    context_ids = _ids(tokenizer(text[:cut], add_special_tokens=special))
-    question_ids = _ids(tokenizer(text[cut:], add_special_tokens=False))
-    whole = _ids(tokenizer(text, add_special_tokens=special))
-    if context_ids + question_ids != whole:
-        raise ValueError("tokenising the context and the question separately differs from tokenising "
-                         "the whole prompt (a token spans the cut); this tokenizer is not supported")
-    return context_ids, question_ids
+    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids, offsets = _ids(enc), enc["offset_mapping"]
+    # special tokens added by the tokenizer (BOS) have offsets (0, 0): they end before the cut
+    k = sum(1 for _, end in offsets if end <= cut)
+    if any(end > cut for _, end in offsets[:k]) or any(end <= cut for _, end in offsets[k:]):
+        raise ValueError("the tokenizer's offsets are not monotonic; cannot split the prompt")
+    if k < len(ids) and cut - offsets[k][0] > _MAX_CUT_SHIFT:
+        raise ValueError(f"a token spans {cut - offsets[k][0]} characters of the context's end "
+                         f"({text[offsets[k][0]:offsets[k][1]]!r}); cannot split the prompt at the context")
+    return ids[:k], ids[k:]
 
 
 def _found(answer: str, output: str) -> bool:

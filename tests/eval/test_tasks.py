@@ -242,3 +242,68 @@ def test_score_real_sample(tok):
     s = make_sample("passkey", 1000, 0.5, 0, tok)
     assert score(s, f"The pass key is {s.answers[0]}.") == 1.0
     assert score(s, "The pass key is 00000.") == 0.0
+
+
+def _punct_newline_tokenizer(texts):
+    """A fast word-level tokenizer whose pre-tokeniser keeps punctuation and the newlines after it in
+    one token, as Qwen2's does (".\\n\\n"), with a vocabulary covering `texts`."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Split(Regex(r"[.?:]\n+|\n+|[^\s.?:]+|[.?:]|[ \t]+"), behavior="isolated")
+    vocab = {"[UNK]": 0}
+    for t in texts:
+        for piece, _ in pre.pre_tokenize_str(t):
+            vocab.setdefault(piece, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah_single", "vt"])
+def test_split_when_a_token_spans_the_cut(tok, task):
+    """Context ending in "." + question starting with "\\n\\n": a tokenizer that makes ".\\n\\n" one
+    token cannot cut between them. The split keeps the whole prompt's tokenisation and moves that
+    token to the question side (it raised "a token spans the cut" before, so Qwen2 could not run)."""
+    s = make_sample(task, 1000, 0.5, 0, tok, chat=False)
+    text = s.context + "\n\n" + s.question
+    assert s.context.endswith(".")
+    spanning = _punct_newline_tokenizer([text])
+    ctx, q = build_prompt_ids(s, spanning, chat=False)
+    assert ctx + q == spanning(text)["input_ids"]
+    assert spanning.decode(ctx).replace(" ", "") == s.context[:-1].replace(" ", "")
+    assert spanning.convert_ids_to_tokens(q[0]) == ".\n\n"
+
+
+def test_split_refuses_a_token_swallowing_the_context_end(tok):
+    """A tokenizer whose token crosses the cut far into the context gives no context/question split."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    s = make_sample("passkey", 1000, 0.5, 0, tok, chat=False)
+    text = s.context + "\n\n" + s.question
+    pre = pre_tokenizers.Split(Regex(r"[^\n]*\n\n|[^\n]+"), behavior="isolated")  # whole lines
+    vocab = {"[UNK]": 0, **{p: i + 1 for i, (p, _) in enumerate(pre.pre_tokenize_str(text))}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre
+    with pytest.raises(ValueError, match="a token spans .* characters of the context's end"):
+        build_prompt_ids(s, PreTrainedTokenizerFast(tokenizer_object=tk), chat=False)
+
+
+def test_split_qwen2_tokenizer():
+    """The real Qwen2.5 tokenizer (present after `make models-all`): the split is the chat template's
+    tokenisation and the question side starts with the ".\\n\\n" token."""
+    qwen = cache_root() / "models" / "qwen2.5-coder-0.5b-instruct"
+    if not (qwen / "tokenizer.json").is_file():
+        pytest.skip(f"Qwen2.5 tokenizer not found at {qwen} (make models-all)")
+    from transformers import AutoTokenizer
+
+    qt = AutoTokenizer.from_pretrained(str(qwen))
+    for task in TASKS:
+        s = make_sample(task, 1000, 0.5, 0, qt)
+        ctx, q = build_prompt_ids(s, qt)
+        ref = qt.apply_chat_template([{"role": "user", "content": s.context + "\n\n" + s.question}],
+                                     add_generation_prompt=True, tokenize=True)
+        assert ctx + q == list(ref["input_ids"] if not isinstance(ref, list) else ref)
+        assert qt.decode(q).startswith(("\n\n", ".\n\n")) and qt.decode(q).endswith("<|im_start|>assistant\n")
+        assert s.context.startswith(qt.decode(ctx).split("<|im_start|>user\n", 1)[1])
