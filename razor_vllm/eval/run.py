@@ -206,6 +206,11 @@ def run_eval(model_dir: str | Path, head_cfg: HeadConfig, *, tasks: list[str], l
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = load_rows(out)
+    # Rows before the dtype was recorded were all float32 (the only dtype those runs used).
+    other = sorted({r.get("dtype", "float32") for r in rows} - {dtype})
+    if other:
+        raise ValueError(f"{out} holds rows run in {', '.join(other)}; resuming it in {dtype} would pair "
+                         f"prompts across dtypes. Pass --dtype {other[0]} or write to another --out")
     if rows:  # a torn last line is dropped for good, so the file stays valid JSONL
         out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     have: dict[str, set] = {}
@@ -234,6 +239,8 @@ def run_eval(model_dir: str | Path, head_cfg: HeadConfig, *, tasks: list[str], l
         t0 = time.perf_counter()
         new = _run_prompt(model, tok, sample, k, ctx, question, plan, protocols, eos, continue_greedy, prefill,
                           suite, done=have.get(k, set()))
+        for r in new:
+            r["dtype"] = dtype
         with out.open("a") as f:  # one prompt at a time: the resume unit
             for r in new:
                 f.write(json.dumps(r) + "\n")

@@ -139,6 +139,10 @@ def test_run_eval_resumes_and_grows_n(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "3 of 3 prompts to run" in err and "[3/3]" in err and len(wider) == 12 + 3 * 2
     assert run_eval(SMOL, cfg, n=3, **kw) and "0 of 3 prompts to run" in capsys.readouterr().err
+    # rows name their dtype, and a resume in another dtype is refused (it would pair across dtypes)
+    assert {r["dtype"] for r in grown} == {"float32"}
+    with pytest.raises(ValueError, match="holds rows run in float32.*--dtype float32"):
+        run_eval(SMOL, cfg, n=3, dtype="bfloat16", **kw)
 
 
 @pytest.mark.slow
