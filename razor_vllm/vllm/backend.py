@@ -40,7 +40,7 @@ from razor_vllm.config import RazorConfig, RazorConfigError, RazorPolicy, parse_
 from razor_vllm.kernels.decoder import RingDecoder
 from razor_vllm.vllm import engine_state
 from razor_vllm.vllm import layout as kvl
-from razor_vllm.vllm.cpu_cache import request_amx_permission, verify_cpu_kv_layout
+from razor_vllm.vllm.cpu_cache import verify_cpu_kv_layout
 from razor_vllm.vllm.engine_state import EXPLAIN, FLAG, check_engine_config
 from razor_vllm.vllm.execution import resolve_execution, resolve_sibling_attention
 from razor_vllm.vllm.forward_paged import PagedCPU, PagedStep, build_paged_step
@@ -380,9 +380,8 @@ class RazorMetadataBuilder(CPUAttentionMetadataBuilder):
         self.execution = resolve_execution()
         if self.execution == "cpu":
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-            # Engine start: the stock 'amx' kernels need the process's AMX permission, and the stock
-            # cache layout must be what cpu_kv_cache_views reads.
-            request_amx_permission(self.isa)
+            # Engine start: the stock cache layout must be what cpu_kv_cache_views reads (and the
+            # stock 'amx' kernels get the process's AMX permission).
             verify_cpu_kv_layout(kv_cache_spec.dtype, kv_cache_spec.block_size, kv_cache_spec.head_size,
                                  self.isa)
         else:

@@ -120,8 +120,12 @@ def request_amx_permission(isa: str) -> None:
 @functools.lru_cache(maxsize=None)
 def verify_cpu_kv_layout(dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> str:
     """Write random K/V with the stock `cpu_attn_reshape_and_cache` into a scratch cache and find
-    the candidate view that reads them back exactly. Returns the layout name; raises if none does."""
+    the candidate view that reads them back exactly. Returns the layout name; raises if none does.
+    Called at engine start for every ISA razor's engine will run the stock kernels with, so it also
+    requests the AMX permission those kernels need."""
     from vllm import _custom_ops as ops
+
+    request_amx_permission(isa)
 
     num_blocks, num_kv_heads = 3, 2
     cache = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_size, dtype=dtype)
@@ -157,6 +161,5 @@ def paged_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     isa = _get_attn_isa(dtype, block_size, head_size, "auto")
-    request_amx_permission(isa)
     verify_cpu_kv_layout(dtype, block_size, head_size, isa)
     return isa
