@@ -12,14 +12,7 @@
 #   TASKS=passkey,niah_single,... N=30 LENGTH=4096 bash scripts/accuracy_qwen.sh   # 8192, 16384
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RV=${RV:-.venv/bin/razor-vllm}
-MODEL=${MODEL:-qwen2.5-coder-0.5b-instruct}
-LENGTH=${LENGTH:-4096}
-N=${N:-30}
-TASKS=${TASKS:-passkey,niah_single,niah_multikey,niah_multivalue,vt,cwe,fwe}
-OUT=docs/results/accuracy/${MODEL}_${LENGTH}.jsonl
-# shellcheck disable=SC2054  # the commas are the eval's value lists, not array separators
-$RV eval "$MODEL" --heads "$MODEL" --tasks "$TASKS" --lengths "$LENGTH" --n "$N" --dtype float32 \
-  --sinks 64 --window 256,1024 --compensation single --induction-ratio 0.14,0.3 --one-at-a-time \
-  --controls first --out "$OUT" --summary "docs/results/accuracy/${MODEL}_${LENGTH}.summary.json" \
-  --plot "docs/results/accuracy/${MODEL}_${LENGTH}.png"
+# the eval invocation and its output paths live in one place: accuracy_smollm2.sh's `run`
+MODEL=${MODEL:-qwen2.5-coder-0.5b-instruct} N=${N:-30} \
+  TASKS=${TASKS:-passkey,niah_single,niah_multikey,niah_multivalue,vt,cwe,fwe} STAGE=qwen \
+  exec bash scripts/accuracy_smollm2.sh
