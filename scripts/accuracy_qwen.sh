@@ -3,7 +3,7 @@
 # docs/accuracy.md. Every prompt is prefilled once and decoded by each method from a copy, so the
 # settings are all run together: full; razor at the defaults (sinks 64, window 256, single, 14 %
 # induction heads), with window 1024, and with 30 % induction heads; StreamingLLM and random heads
-# at the defaults' budget. Both protocols. Rows are appended per prompt to
+# at each of those three budgets. Both protocols. Rows are appended per prompt to
 # docs/results/accuracy/<model>_<len>.jsonl; re-running resumes, and a larger N extends the same
 # prompts (prompt i never changes). Run it alone on the machine.
 # Screen (which tasks the full model answers above 30 %), all seven tasks:

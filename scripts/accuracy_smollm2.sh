@@ -16,7 +16,8 @@
 #   STAGE=3 TASKS=passkey,niah_single N=10 LENGTH=8192 bash scripts/accuracy_smollm2.sh
 # Stage 4 (STAGE=4): the budget search's candidates at the full n: windows 1024 and 2048.
 #   STAGE=4 TASKS=passkey,niah_single N=50 LENGTH=8192 bash scripts/accuracy_smollm2.sh
-# STAGE=qwen: issue #18's settings, all from one prefill per prompt (scripts/accuracy_qwen.sh).
+# STAGE=qwen: issue #18's settings, all from one prefill per prompt, controls at each setting's budget
+# (scripts/accuracy_qwen.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RV=${RV:-.venv/bin/razor-vllm}
@@ -41,7 +42,8 @@ case "${STAGE:-1}" in
      run --methods razor --sinks 64,4 --window 1024,2048 --compensation single,none,count --induction-ratio 0.14,0.2,0.5 \
        --one-at-a-time ;;
   4) run --methods razor --sinks 64 --window 1024,2048 --compensation single --induction-ratio 0.14 ;;
+  # controls at every setting's budget: the best operating point (30 % heads at 16k) needs its own
   qwen) run --dtype float32 --sinks 64 --window 256,1024 --compensation single --induction-ratio 0.14,0.3 \
-       --one-at-a-time --controls first ;;
+       --one-at-a-time --controls all ;;
   *) echo "STAGE must be 1, 2, 3, 4 or qwen" >&2; exit 2 ;;
 esac
