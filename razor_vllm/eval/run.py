@@ -422,21 +422,28 @@ def pareto(records: list[SummaryRecord]) -> list[SummaryRecord]:
 
 
 def plot(records: list[SummaryRecord], path: str | Path) -> None:
-    """Mean accuracy (eligible tasks) against KV kept: one panel per (protocol, length), razor's
-    Pareto front drawn, controls marked."""
+    """Mean accuracy (eligible tasks) against KV kept: one panel per (model, length, protocol), a row
+    per (model, length) and a column per protocol, razor's Pareto front drawn, controls marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     means = [r for r in records if r.task == "mean"]
-    panels = sorted({(r.model, r.protocol, r.length) for r in means})
-    if not panels:
+    rows_ = sorted({(r.model, r.length) for r in means})
+    cols = sorted({r.protocol for r in means})
+    if not rows_:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    # a grid, not one row: a summary of several models and lengths stays readable
+    fig, axes = plt.subplots(len(rows_), len(cols), figsize=(5.5 * len(cols), 4.5 * len(rows_)), squeeze=False)
     style = {"full": ("*", "black"), "razor": ("o", "tab:blue"), "random": ("x", "tab:red"),
              "streaming": ("s", "tab:orange")}
-    for ax, (model, protocol, length) in zip(axes[0], panels):
+    present = {(r.model, r.length, r.protocol) for r in means}
+    for (i, (model, length)), (j, protocol) in ((a, b) for a in enumerate(rows_) for b in enumerate(cols)):
+        ax = axes[i][j]
+        if (model, length, protocol) not in present:
+            ax.axis("off")
+            continue
         rs = [r for r in means if (r.model, r.protocol, r.length) == (model, protocol, length)]
         for method, (marker, color) in style.items():
             pts = [r for r in rs if r.method == method]

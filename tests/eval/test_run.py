@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from razor_vllm.eval.run import (MIN_FULL_ACCURACY, RazorSetting, build_methods, paired_bootstrap, pareto,
+from razor_vllm.eval.run import (MIN_FULL_ACCURACY, RazorSetting, build_methods, paired_bootstrap, pareto, plot,
                                  sequence_depth, settings_grid, summarize)
 from razor_vllm.heads import load_head_config
 from razor_vllm.paths import default_model_dir
@@ -106,6 +106,18 @@ def test_pareto_front():
             (("p", True, 0.2), ("q", False, 0.1), ("r", False, 0.3), ("s", True, 0.4))]
     front = pareto([r for r in summarize(rows, "m") if r.task == "a"])
     assert [r.label for r in front] == ["razor q", "razor p"]
+
+
+def test_plot_is_a_grid_of_model_length_rows_and_protocol_columns(tmp_path):
+    import matplotlib.image
+
+    rows = [_row(f"a/{i}", "a", label, i % 3 > 0, protocol=p) for i in range(6)
+            for p in ("exact-prefill", "question-compressed") for label in ("full", "razor x")]
+    records = summarize(rows, "m1") + summarize(rows, "m2")  # 2 models x 2 protocols at one length
+    plot(records, tmp_path / "p.png")
+    h, w = matplotlib.image.imread(tmp_path / "p.png").shape[:2]
+    # 2 x 2 panels of 5.5 x 4.5 in; a single row of 4 would be 22 x 4.5 in
+    assert (w, h) == pytest.approx((11 * 120, 9 * 120), abs=2)
 
 
 @pytest.mark.slow
