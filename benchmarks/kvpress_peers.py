@@ -96,19 +96,29 @@ def kvpress_python() -> Path:
     return Path(out.strip().splitlines()[-1])
 
 
-def razor_policy(heads: str):
-    """razor's serving policy: the shipped head config with SERVING_DEFAULTS (what `vllm serve
-    --attention-backend razor` runs without overrides)."""
+def razor_policy(heads: str, induction_ratio: float | None = None):
+    """razor's serving policy: the head config with SERVING_DEFAULTS (what `vllm serve
+    --attention-backend razor` runs without overrides). With `induction_ratio`, the retrieval heads are
+    re-selected from the config's scores at that ratio (its echo ratio kept), as `razor-vllm select`
+    and `razor-vllm eval --induction-ratio` do: the presses are then sized to that operating point."""
     from razor_vllm.config import RazorPolicy, parse_razor_config
-    from razor_vllm.heads import load_head_config
+    from razor_vllm.heads import load_head_config, select_retrieval_heads
 
     head_cfg = load_head_config(heads)
-    return RazorPolicy.from_config(parse_razor_config({"razor": {"head_config": heads}}), head_cfg), head_cfg
+    policy = RazorPolicy.from_config(parse_razor_config({"razor": {"head_config": heads}}), head_cfg)
+    if induction_ratio is not None:
+        picked = select_retrieval_heads(head_cfg.induction_scores, head_cfg.echo_scores, induction_ratio,
+                                        head_cfg.profile.echo_ratio)
+        policy = RazorPolicy.build(picked, policy.num_kv_heads, sinks=policy.sinks, window=policy.window,
+                                   compensation=policy.compensation)
+    return policy, head_cfg
 
 
-def press_plan(names: list[str], policy, seq_len: int, nominal: int) -> list[dict]:
+def press_plan(names: list[str], policy, seq_len: int, nominal: int, induction_ratio: float | None = None) -> list[dict]:
     """The runs of one prompt: name, method, label (stable over a run: the ratio at the nominal length),
-    and the press spec the child builds (compression ratio from razor's budget at this prompt's length)."""
+    and the press spec the child builds (compression ratio from razor's budget at this prompt's length).
+    `induction_ratio`: the re-selection behind `policy`'s heads, if any (named in duo's label, whose
+    heads it changes; the scorer presses' labels already differ by their ratio)."""
     ratio = 1.0 - policy.kv_fraction(seq_len)
     ratio_label = 1.0 - policy.kv_fraction(nominal)
     runs = []
@@ -119,7 +129,8 @@ def press_plan(names: list[str], policy, seq_len: int, nominal: int) -> list[dic
         cls, kwargs, _ = PRESSES[name]
         if name == "duo":
             kwargs = dict(kwargs)
-            label = f"kvpress duo razor-heads s{policy.sinks} w{policy.window}"
+            heads = "razor-heads" if induction_ratio is None else f"razor-heads r{induction_ratio:g}"
+            label = f"kvpress duo {heads} s{policy.sinks} w{policy.window}"
         else:
             kwargs = {"compression_ratio": round(ratio, 6), **kwargs}
             label = f"kvpress {name} c{ratio_label:.2f}"
@@ -128,7 +139,7 @@ def press_plan(names: list[str], policy, seq_len: int, nominal: int) -> list[dic
     return runs
 
 
-def _row(sample, key: str, ctx: list[int], question: list[int], run: dict, res: dict, policy, head_cfg,
+def _row(sample, key: str, ctx: list[int], question: list[int], run: dict, res: dict, policy, induction_ratio: float,
          peer: str) -> dict:
     from razor_vllm.eval import tasks as suite
 
@@ -149,7 +160,7 @@ def _row(sample, key: str, ctx: list[int], question: list[int], run: dict, res: 
             window = res["cache_tokens"] - sinks
         elif name == "duo":
             sinks, window = policy.sinks, policy.window
-            setting = {"induction_ratio": head_cfg.profile.induction_ratio}
+            setting = {"induction_ratio": induction_ratio}
         fields = {"setting": setting, "sinks": sinks, "window": window, "compensation": None,
                   "kv_fraction": 1.0 - ratio,
                   "retrieval_fraction": {"streaming": 0.0, "duo": policy.retrieval_fraction}.get(name),
@@ -166,8 +177,10 @@ def default_out(model_dir: Path, length: int) -> Path:
 
 def run(model_dir: Path, heads: str, tasks: list[str], length: int, n: int, presses: list[str], out: Path,
         seed: int = 0, threads: int | None = None, python: Path | None = None, prefill: str = "shared",
-        log=None) -> list[dict]:
-    """Run every missing (prompt, press) and append its rows to `out`; returns every row in `out`."""
+        induction_ratio: float | None = None, log=None) -> list[dict]:
+    """Run every missing (prompt, press) and append its rows to `out`; returns every row in `out`.
+    `induction_ratio` sizes the presses to razor with the heads re-selected at that ratio (default: the
+    head config's own selection)."""
     from transformers import AutoTokenizer
 
     from razor_vllm.eval import tasks as suite
@@ -179,7 +192,8 @@ def run(model_dir: Path, heads: str, tasks: list[str], length: int, n: int, pres
         raise ValueError(f"unknown presses {sorted(bad)}; choose from {', '.join(ALL)}")
     if prefill not in PREFILL:
         raise ValueError(f"prefill must be one of {PREFILL}")
-    policy, head_cfg = razor_policy(heads)
+    policy, head_cfg = razor_policy(heads, induction_ratio)
+    ratio = head_cfg.profile.induction_ratio if induction_ratio is None else induction_ratio
     tok = AutoTokenizer.from_pretrained(model_dir)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +205,7 @@ def run(model_dir: Path, heads: str, tasks: list[str], length: int, n: int, pres
     for i, sample in sequence_suite(tasks, [length], n, seed, tok):
         key = f"{sample.task}/{sample.length}/{i}"
         ctx, question = suite.build_prompt_ids(sample, tok)
-        runs = [r for r in press_plan(presses, policy, len(ctx) + len(question), length)
+        runs = [r for r in press_plan(presses, policy, len(ctx) + len(question), length, induction_ratio)
                 if (key, r["label"]) not in have]
         if not runs:
             continue
@@ -209,11 +223,12 @@ def run(model_dir: Path, heads: str, tasks: list[str], length: int, n: int, pres
     with tempfile.TemporaryDirectory() as tmp:
         job_file = Path(tmp) / "job.json"
         job_file.write_text(json.dumps(job))
-        rows += _drive(python, job_file, meta, policy, head_cfg, out, prefill, log)
+        rows += _drive(python, job_file, meta, policy, ratio, out, prefill, log)
     return rows
 
 
-def _drive(python: Path, job_file: Path, meta: dict, policy, head_cfg, out: Path, prefill: str, log) -> list[dict]:
+def _drive(python: Path, job_file: Path, meta: dict, policy, induction_ratio: float, out: Path, prefill: str,
+           log) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONWARNINGS": "ignore"}
     env.pop("PYTHONPATH", None)  # the child imports only its own venv's packages
@@ -238,7 +253,7 @@ def _drive(python: Path, job_file: Path, meta: dict, policy, head_cfg, out: Path
             elif tag == "KVPRESS_DONE":
                 key = json.loads(body)
                 sample, ctx, question, runs = meta[key]
-                prompt_rows = [_row(sample, key, ctx, question, runs[res["name"]], res, policy, head_cfg, peer)
+                prompt_rows = [_row(sample, key, ctx, question, runs[res["name"]], res, policy, induction_ratio, peer)
                                | {"prefill": prefill} for res in pending.pop(key, [])]
                 with out.open("a") as f:  # one prompt at a time: the resume unit
                     for r in prompt_rows:
@@ -282,6 +297,9 @@ def main(argv=None) -> int:
     ap.add_argument("--presses", default=",".join(ALL), help=f"comma list of {', '.join(ALL)}")
     ap.add_argument("--model-dir", type=Path, default=None, help="HF model dir (default: the default model's)")
     ap.add_argument("--heads", default=DEFAULT_MODEL, help="razor head config (shipped name or path)")
+    ap.add_argument("--induction-ratio", type=float, default=None,
+                    help="size the presses to razor with the retrieval heads re-selected at this ratio (e.g. "
+                    "0.3, as `razor-vllm eval --induction-ratio`); default: the head config's selection")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the child (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="rows JSONL (default docs/results/accuracy/"
@@ -296,7 +314,8 @@ def main(argv=None) -> int:
     out = args.out or default_out(model_dir, args.length)
     presses = [p for p in args.presses.split(",") if p]
     rows = run(model_dir, args.heads, [t for t in args.tasks.split(",") if t], args.length, args.n, presses, out,
-               seed=args.seed, threads=args.threads, python=args.kvpress_python, prefill=args.prefill)
+               seed=args.seed, threads=args.threads, python=args.kvpress_python, prefill=args.prefill,
+               induction_ratio=args.induction_ratio)
     print(table(rows, out.name.split("_")[0], args.length))
     print(f"rows: {out}", file=sys.stderr)
     return 0

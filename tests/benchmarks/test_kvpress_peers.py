@@ -32,6 +32,22 @@ def test_press_plan_sizes_every_press_to_razors_budget():
     assert runs["duo"]["label"] == "kvpress duo razor-heads s64 w256"
 
 
+def test_induction_ratio_sizes_the_presses_to_that_razor_setting():
+    from razor_vllm.eval.run import RazorSetting, build_methods
+
+    policy, head_cfg = kvpress_peers.razor_policy("smollm2-135m-instruct")
+    # re-selecting at the config's own ratio is the config's selection (identity)
+    same, _ = kvpress_peers.razor_policy("smollm2-135m-instruct", head_cfg.profile.induction_ratio)
+    assert same == policy
+    wide, _ = kvpress_peers.razor_policy("smollm2-135m-instruct", 0.3)
+    # the same heads and budget as the eval harness's "r0.3" setting, on the same prompt length
+    (razor,) = build_methods(head_cfg, ["razor"], [RazorSetting(induction_ratio=0.3)], 4093)
+    assert wide == razor.policy and wide.retrieval_fraction > policy.retrieval_fraction
+    runs = {r["name"]: r for r in kvpress_peers.press_plan(["snapkv", "duo"], wide, 4093, 4096, 0.3)}
+    assert runs["snapkv"]["press"]["kwargs"]["compression_ratio"] == pytest.approx(1 - wide.kv_fraction(4093))
+    assert runs["duo"]["label"] == "kvpress duo razor-heads r0.3 s64 w256"
+
+
 def test_child_is_self_contained():
     """The child runs in the kvpress venv, which has no razor_vllm."""
     tree = ast.parse(kvpress_peers.CHILD.read_text())
