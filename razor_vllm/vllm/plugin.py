@@ -44,8 +44,9 @@ ALIAS = "RAZOR"
 # Under the "vllm" logger hierarchy so the lines get vLLM's handler, format and
 # VLLM_LOGGING_LEVEL (a logger outside it has no handler and drops INFO).
 logger = init_logger(f"vllm.{__name__}")
-# The local window that recovered the question-compressed loss at 8k (SmolLM2, n = 100: -4 points
-# against -29 with 256; docs/accuracy.md "Budget search at 8k"): named to servers that keep chunking.
+# The local window that recovered the question-compressed loss at 8k for SmolLM2 (n = 100: -4 points
+# against -29 with 256; docs/accuracy.md "Budget search at 8k") but not for Qwen2.5-Coder-0.5B at 16k
+# (docs/accuracy.md, "Second model"): named to servers that keep chunking, as a model-dependent datum.
 CHUNKED_PREFILL_WINDOW = 1024
 
 
@@ -137,7 +138,6 @@ def _patch_engine_defaults() -> None:
                     self._razor_prefill = "whole"
                 else:
                     self._razor_prefill = "flags"
-                    self._razor_window = cfg.window
         return chunked_original(self, model_config, *args, **kwargs)
 
     def set_batch_defaults(self, usage_context, model_config, *args, **kwargs):
@@ -159,10 +159,11 @@ def _patch_engine_defaults() -> None:
             split = (f"prompts longer than {self.max_num_batched_tokens} tokens are prefilled in chunks"
                      if self.max_num_batched_tokens < max_len else
                      "a prompt that arrives while others run can be split")
-            # the measured remedy, offered only to a window below it
-            remedy = (f"; to keep chunking, a local window of {CHUNKED_PREFILL_WINDOW} or more recovered most "
-                      f"of that loss at 8k (\"window\": {CHUNKED_PREFILL_WINDOW}; docs/accuracy.md, \"Budget "
-                      "search at 8k\")" if self._razor_window < CHUNKED_PREFILL_WINDOW else "")
+            # What recovers the loss depends on the model: the measured data, and how to measure yours.
+            remedy = (f"; to keep chunking, a wider window or more retrieval heads recover part of the loss, by "
+                      f"an amount that depends on the model (\"window\": {CHUNKED_PREFILL_WINDOW} recovered most "
+                      "of it for SmolLM2-135M at 8k, not for Qwen2.5-Coder-0.5B at 16k): measure yours with "
+                      "`razor-vllm eval --protocols question-compressed`")
             logger.warning("razor-vllm: chunked prefill with max_num_batched_tokens %d: %s, and the chunks "
                            "after the first (a long prompt's question) read razor's compressed context, "
                            "which costs accuracy (docs/accuracy.md, \"The serving default\"). For "
