@@ -58,6 +58,9 @@ HEAVY = {
     # the second model (issue #18) needs `make models-all` (491 MB); SmolLM2 and Gemma cover the
     # conversion in CI
     "tests/test_fetch.py::test_converted_qwen_loads_and_answers_in_chat_form",
+    # ... and served by razor through vLLM; the serving path itself is SmolLM2's README block (CI)
+    "tests/serve/test_vllm_serve_qwen.py::test_passkey_outside_the_window_through_the_openai_client",
+    "tests/serve/test_vllm_serve_qwen.py::test_kv_figures_are_qwens",
     # config-time refusals through a real subprocess: all of them run in-process in CI
     # (tests/vllm_backend/test_engine_checks.py, same command lines, same messages); CI keeps four
     # here (no razor section, another model's config, prefix caching, the worker-side gemma case)
