@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.serving import REPO
 from razor_vllm.serve.process import RazorServer, ServerError, parse_kv_capacity_log, vllm_script
 
-SERVED_NAME = "smol"
+SERVED_NAME = "bench"  # model-neutral: the grid serves SmolLM2 or Qwen2.5 (--model)
 BACKENDS = ("stock", "razor", "razor-uniform")
 
 # Module paths a variant's source tree may use, newest first: the package was restructured, and
