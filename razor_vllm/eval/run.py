@@ -84,6 +84,9 @@ class Method:
     name: str
     setting: RazorSetting | None
     policy: RazorPolicy | None
+    label_window: int | None = None
+    """streaming: the window its label names (the budget at the run's nominal length), when the
+    policy's own window (matched to this prompt's token count) differs from it by a token or two."""
 
     @property
     def label(self) -> str:
@@ -91,7 +94,7 @@ class Method:
             return "full"
         p = self.policy
         if self.name == "streaming":
-            return f"streaming s{p.sinks} w{p.window}"
+            return f"streaming s{p.sinks} w{p.window if self.label_window is None else self.label_window}"
         return f"{self.name} s{p.sinks} w{p.window} {p.compensation} r{self.setting.induction_ratio:g}"
 
 
@@ -102,12 +105,14 @@ def _random_heads(n_layers: int, n_kv: int, count: int, seed: int) -> list[list[
 
 
 def build_methods(head_cfg: HeadConfig, methods: Iterable[str], settings: Iterable[RazorSetting], seq_len: int,
-                  seed: int = 0, controls: str = "all") -> list[Method]:
+                  seed: int = 0, controls: str = "all", label_len: int | None = None) -> list[Method]:
     """The methods to run on one prompt of `seq_len` tokens, deduplicated by label.
 
     Controls (random, streaming) are built for every setting (``controls="all"``) or only for the
     first one (``"first"``); a control shared by two settings (streaming for two weightings of one
-    budget) runs once.
+    budget) runs once. StreamingLLM's window matches razor's KV on this prompt exactly; its label
+    names the window at `label_len` (the run's nominal length, default `seq_len`), so that one
+    control keeps one label over prompts whose token counts differ by a few tokens.
     """
     n_layers, n_kv = head_cfg.model.num_layers, head_cfg.model.num_kv_heads
     methods = set(methods)
@@ -132,10 +137,12 @@ def build_methods(head_cfg: HeadConfig, methods: Iterable[str], settings: Iterab
                     _random_heads(n_layers, n_kv, count, seed), n_kv, sinks=s.sinks, window=s.window,
                     compensation=s.compensation)))
             if "streaming" in methods:
-                budget_tokens = round(razor.kv_fraction(seq_len) * seq_len)
-                w = max(1, budget_tokens - s.sinks)
+                def window(n: int) -> int:
+                    return max(1, round(razor.kv_fraction(n) * n) - s.sinks)
+
                 cand.append(Method("streaming", s, RazorPolicy.build(
-                    [[]] * n_layers, n_kv, sinks=s.sinks, window=w, compensation="none")))
+                    [[]] * n_layers, n_kv, sinks=s.sinks, window=window(seq_len), compensation="none"),
+                    label_window=None if label_len is None else window(label_len)))
         for m in cand:
             out.setdefault(m.label, m)
     return list(out.values())
@@ -222,7 +229,8 @@ def run_eval(model_dir: str | Path, head_cfg: HeadConfig, *, tasks: list[str], l
     for i, sample in samples:
         k = _sample_key(sample.task, sample.length, i)
         ctx, question = suite.build_prompt_ids(sample, tok)
-        plan = build_methods(head_cfg, methods, settings, len(ctx) + len(question), seed, controls)
+        plan = build_methods(head_cfg, methods, settings, len(ctx) + len(question), seed, controls,
+                             label_len=sample.length)
         if not {(p, m.label) for p in protocols for m in plan} <= have.get(k, set()):
             jobs.append((k, sample, ctx, question, plan))
     print(f"{len(jobs)} of {len(samples)} prompts to run ({len(samples) - len(jobs)} complete in {out})",

@@ -33,6 +33,24 @@ def test_build_methods_budget_matches():
     assert by["streaming"].retrieval_heads == tuple(() for _ in range(30))
 
 
+def test_streaming_label_is_stable_over_a_runs_prompt_lengths_and_its_budget_exact():
+    """Qwen at 16k with 30 % heads: razor's KV grows by a third of a token per prompt token, so a
+    window matched per prompt (16,380-16,384 tokens) differs by a token; the label names the window
+    at the nominal length, so the control stays one row of the summary."""
+    cfg = load_head_config("qwen2.5-coder-0.5b-instruct")
+    setting = RazorSetting(induction_ratio=0.3)
+    labels, windows = set(), set()
+    for n in range(16378, 16385):
+        (razor, streaming) = build_methods(cfg, ["razor", "streaming"], [setting], n, label_len=16384)
+        assert abs(streaming.policy.kv_fraction(n) - razor.policy.kv_fraction(n)) * n <= 0.5  # exact budget
+        labels.add(streaming.label)
+        windows.add(streaming.policy.window)
+    assert len(windows) > 1 and labels == {f"streaming s64 w{max(windows)}"}
+    # without label_len the label is the prompt's own window (the rows of earlier runs keep theirs)
+    (plain,) = build_methods(cfg, ["streaming"], [setting], 16378)
+    assert plain.label == f"streaming s64 w{min(windows)}"
+
+
 def test_build_methods_dedupes_shared_controls_and_honours_controls_first():
     cfg = load_head_config("smollm2-135m-instruct")
     settings = [RazorSetting(256, c, 0.14, 0.01, 64) for c in ("single", "count")]
