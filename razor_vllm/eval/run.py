@@ -430,31 +430,41 @@ def pareto(records: list[SummaryRecord]) -> list[SummaryRecord]:
 
 
 def plot(records: list[SummaryRecord], path: str | Path) -> None:
-    """Mean accuracy (eligible tasks) against KV kept: one panel per (model, length, protocol), a row
-    per (model, length) and a column per protocol, razor's Pareto front drawn, controls marked."""
+    """Mean accuracy (eligible tasks) against KV kept: one panel per (model, length, protocol), each
+    (model, length) starting a row of at most 3 panels, razor's Pareto front drawn, controls and
+    kvpress peers marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     means = [r for r in records if r.task == "mean"]
-    rows_ = sorted({(r.model, r.length) for r in means})
-    cols = sorted({r.protocol for r in means})
-    if not rows_:
+    groups = sorted({(r.model, r.length) for r in means})
+    if not groups:
         return
-    # a grid, not one row: a summary of several models and lengths stays readable
-    fig, axes = plt.subplots(len(rows_), len(cols), figsize=(5.5 * len(cols), 4.5 * len(rows_)), squeeze=False)
+    # a grid, not one row (a summary of several models and lengths stays readable); a group's
+    # protocols packed left, wrapped at 3, so rare protocols leave no empty columns elsewhere
+    ncols = 3
+    slots: list[tuple[int, int, tuple]] = []
+    for model, length in groups:
+        protocols = sorted({r.protocol for r in means if (r.model, r.length) == (model, length)})
+        row0 = (slots[-1][0] + 1) if slots else 0
+        slots += [(row0 + k // ncols, k % ncols, (model, protocol, length)) for k, protocol in enumerate(protocols)]
+    nrows = slots[-1][0] + 1
+    ncols = min(ncols, max(c for _, c, _ in slots) + 1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.5 * nrows), squeeze=False)
+    used = {(i, j) for i, j, _ in slots}
+    for i in range(nrows):
+        for j in range(ncols):
+            if (i, j) not in used:
+                axes[i][j].axis("off")
     style = {"full": ("*", "black"), "razor": ("o", "tab:blue"), "random": ("x", "tab:red"),
-             "streaming": ("s", "tab:orange")}
-    present = {(r.model, r.length, r.protocol) for r in means}
-    for (i, (model, length)), (j, protocol) in ((a, b) for a in enumerate(rows_) for b in enumerate(cols)):
+             "streaming": ("s", "tab:orange"), "kvpress": ("^", "tab:purple")}
+    for i, j, (model, protocol, length) in slots:
         ax = axes[i][j]
-        if (model, length, protocol) not in present:
-            ax.axis("off")
-            continue
         rs = [r for r in means if (r.model, r.protocol, r.length) == (model, protocol, length)]
         for method, (marker, color) in style.items():
-            pts = [r for r in rs if r.method == method]
+            pts = [r for r in rs if r.method.split("-")[0] == method]  # kvpress-<press> rows: "kvpress"
             if pts:
                 ax.scatter([r.kv_fraction for r in pts], [r.accuracy for r in pts], marker=marker, c=color,
                            s=40, label=method)
