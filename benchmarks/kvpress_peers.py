@@ -99,19 +99,16 @@ def kvpress_python() -> Path:
 def razor_policy(heads: str, induction_ratio: float | None = None):
     """razor's serving policy: the head config with SERVING_DEFAULTS (what `vllm serve
     --attention-backend razor` runs without overrides). With `induction_ratio`, the retrieval heads are
-    re-selected from the config's scores at that ratio (its echo ratio kept), as `razor-vllm select`
-    and `razor-vllm eval --induction-ratio` do: the presses are then sized to that operating point."""
+    re-selected from the config's scores at that ratio (the serving defaults otherwise), exactly as
+    `razor-vllm eval --induction-ratio` builds that setting: the presses are then sized to it."""
     from razor_vllm.config import RazorPolicy, parse_razor_config
-    from razor_vllm.heads import load_head_config, select_retrieval_heads
+    from razor_vllm.eval.run import RazorSetting
+    from razor_vllm.heads import load_head_config
 
     head_cfg = load_head_config(heads)
-    policy = RazorPolicy.from_config(parse_razor_config({"razor": {"head_config": heads}}), head_cfg)
     if induction_ratio is not None:
-        picked = select_retrieval_heads(head_cfg.induction_scores, head_cfg.echo_scores, induction_ratio,
-                                        head_cfg.profile.echo_ratio)
-        policy = RazorPolicy.build(picked, policy.num_kv_heads, sinks=policy.sinks, window=policy.window,
-                                   compensation=policy.compensation)
-    return policy, head_cfg
+        return RazorSetting(induction_ratio=induction_ratio).policy(head_cfg), head_cfg
+    return RazorPolicy.from_config(parse_razor_config({"razor": {"head_config": heads}}), head_cfg), head_cfg
 
 
 def press_plan(names: list[str], policy, seq_len: int, nominal: int, induction_ratio: float | None = None) -> list[dict]:

@@ -62,6 +62,14 @@ class RazorSetting:
     echo_ratio: float = _PROFILE["echo_ratio"].default
     sinks: int = SERVING_DEFAULTS["sinks"]
 
+    def policy(self, head_cfg: HeadConfig) -> RazorPolicy:
+        """razor at this setting: heads re-selected from `head_cfg`'s scores at this setting's ratios
+        (as `razor-vllm select` does), this setting's sinks, window and weighting."""
+        heads = select_retrieval_heads(head_cfg.induction_scores, head_cfg.echo_scores, self.induction_ratio,
+                                       self.echo_ratio)
+        return RazorPolicy.build(heads, head_cfg.model.num_kv_heads, sinks=self.sinks, window=self.window,
+                                 compensation=self.compensation)
+
 
 def settings_grid(sinks: list[int], windows: list[int], compensations: list[str], ratios: list[float],
                   echo_ratio: float, one_at_a_time: bool) -> list[RazorSetting]:
@@ -124,15 +132,13 @@ def build_methods(head_cfg: HeadConfig, methods: Iterable[str], settings: Iterab
         out["full"] = Method("full", None, None)
     settings = list(settings)
     for i, s in enumerate(settings):
-        heads = select_retrieval_heads(head_cfg.induction_scores, head_cfg.echo_scores, s.induction_ratio,
-                                       s.echo_ratio)
-        razor = RazorPolicy.build(heads, n_kv, sinks=s.sinks, window=s.window, compensation=s.compensation)
+        razor = s.policy(head_cfg)
         cand = []
         if "razor" in methods:
             cand.append(Method("razor", s, razor))
         if controls == "all" or i == 0:
             if "random" in methods:
-                count = sum(len(h) for h in heads)
+                count = sum(map(len, razor.retrieval_heads))
                 cand.append(Method("random", s, RazorPolicy.build(
                     _random_heads(n_layers, n_kv, count, seed), n_kv, sinks=s.sinks, window=s.window,
                     compensation=s.compensation)))
